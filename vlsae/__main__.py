@@ -1,0 +1,5 @@
+import sys
+
+from vlsae.cli import main
+
+sys.exit(main())

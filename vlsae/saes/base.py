@@ -1,0 +1,181 @@
+"""What every SAE architecture shares: config base, module base, training I/O.
+
+An architecture is one file in this package: a config dataclass (subclass of
+:class:`SAEConfig`), a module (subclass of :class:`SAE`) and the decorator
+``@register_sae("name")``. The base class supplies the parameter layout that
+checkpoints document (``W_enc`` (n_latents, d_in), ``b_enc`` (n_latents,),
+``W_dec`` (n_latents, d_in), ``b_dec`` (d_in,)), decoder-norm handling, input
+scale folding and the dense/sparse conversions. Architectures override only
+what differs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from vlsae.config import option
+from vlsae.errors import VlsaeError
+from vlsae.kernels import sparse_decode
+from vlsae.sparse import SparseCode
+
+
+@dataclass
+class SAEConfig:
+    """Inference config: what a checkpoint needs to be rebuilt and used."""
+
+    d_in: int = option(help="width of the input activations")
+    n_latents: int = option(help="number of dictionary latents")
+    unit_norm_decoder: bool = option(True, help="keep decoder rows at unit norm (gradient parallel to each row removed)")
+    decoder_init_norm: float = option(0.1, help="initial decoder row norm when unit_norm_decoder is false")
+    hook: str = option("", help="where the activations came from (model spec and hook point), for the record")
+    modalities: tuple[str, ...] = option((), factory=tuple, help="modalities this SAE decodes into; empty for a single-stream SAE")
+
+    def __post_init__(self) -> None:
+        if self.d_in is None or self.n_latents is None:
+            raise VlsaeError("an SAE config needs d_in and n_latents")
+        if self.d_in <= 0 or self.n_latents <= 0:
+            raise VlsaeError(f"d_in and n_latents must be positive, got d_in={self.d_in}, n_latents={self.n_latents}")
+
+
+@dataclass
+class TrainContext:
+    """What the trainer tells an SAE about the current step."""
+
+    step: int = 0
+    progress: float = 0.0  # fraction of training done, in [0, 1]
+    dead_mask: torch.Tensor | None = None  # (n_latents,) bool: latents counted dead by the trainer
+
+
+@dataclass
+class TrainOutput:
+    """recon: (batch, d_in) or a dict modality -> tensor; losses: named scalar terms
+    summed into the objective; code: the sparse code, for L0 and fired-latent tracking."""
+
+    recon: torch.Tensor | dict[str, torch.Tensor]
+    losses: dict[str, torch.Tensor]
+    code: SparseCode
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return sum(self.losses.values())  # type: ignore[return-value]
+
+
+class SAE(nn.Module):
+    """Base module. Subclasses set ``config_class`` and implement ``encode`` and
+    ``training_forward``; ``decode`` defaults to a sparse linear decoder."""
+
+    arch: ClassVar[str] = ""
+    config_class: ClassVar[type[SAEConfig]] = SAEConfig
+
+    def __init__(self, config: SAEConfig):
+        super().__init__()
+        self.config = config
+        d, n = config.d_in, config.n_latents
+        self.W_dec = nn.Parameter(torch.empty(n, d))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        self.reset_decoder()
+
+    # ----------------------------------------------------------------- init
+    @torch.no_grad()
+    def reset_decoder(self) -> None:
+        """Random directions; unit norm, or ``decoder_init_norm`` when norms are free."""
+        self.W_dec.normal_()
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        if not self.config.unit_norm_decoder:
+            self.W_dec.mul_(self.config.decoder_init_norm)
+
+    @torch.no_grad()
+    def init_decoder_bias(self, center: torch.Tensor) -> None:
+        """Start ``b_dec`` at a data centre (geometric median or mean)."""
+        self.b_dec.copy_(center.to(self.b_dec))
+
+    # -------------------------------------------------------- the public API
+    @property
+    def d_in(self) -> int:
+        return self.config.d_in
+
+    @property
+    def n_latents(self) -> int:
+        return self.config.n_latents
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """One-line errors for the two mistakes everybody makes once."""
+        if x.ndim != 2 or x.shape[1] != self.d_in:
+            raise VlsaeError(f"{self.arch} SAE expects inputs of shape (batch, {self.d_in}), got {tuple(x.shape)}")
+
+    def encode(self, x: torch.Tensor) -> SparseCode:
+        """x: (batch, d_in) -> sparse code (inference path)."""
+        raise NotImplementedError
+
+    def decode(self, code: SparseCode, modality: str | None = None) -> torch.Tensor:
+        """code -> (batch, d_in) reconstruction."""
+        return sparse_decode(code.indices, code.values, self.W_dec) + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    def training_forward(self, x: torch.Tensor, ctx: TrainContext) -> TrainOutput:
+        """Reconstruction, named loss terms and the code, for one training batch."""
+        raise NotImplementedError
+
+    # ------------------------------------------------ decoder-norm handling
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """Remove the gradient component parallel to each unit-norm decoder row,
+        so Adam's step moves directions, not norms."""
+        if self.config.unit_norm_decoder and self.W_dec.grad is not None:
+            w, g = self.W_dec, self.W_dec.grad
+            g.sub_((g * w).sum(dim=1, keepdim=True) * w)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Put unit-norm decoder rows back on the sphere after the update."""
+        if self.config.unit_norm_decoder:
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    # -------------------------------------------------------- input scaling
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        """The SAE was trained on ``x * scale``; rewrite the weights so it takes raw ``x``.
+
+        With a linear encoder ``W_enc (x*c - b_dec) = (c W_enc)(x - b_dec/c)`` and
+        the reconstruction of raw x is ``(z W_dec + b_dec) / c``; latent values and
+        thresholds are unchanged. Unit-norm decoders stop being unit norm, which
+        is fine after training.
+        """
+        if hasattr(self, "W_enc"):
+            self.W_enc.mul_(scale)
+        self.W_dec.div_(scale)
+        self.b_dec.div_(scale)
+
+    def extra_repr(self) -> str:
+        return f"arch={self.arch}, d_in={self.d_in}, n_latents={self.n_latents}"
+
+
+def dense_pre_activations(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor | None, b_dec: torch.Tensor) -> torch.Tensor:
+    """(x - b_dec) @ W_enc.T + b_enc; x: (batch, d) -> (batch, n_latents)."""
+    centred = x - b_dec
+    if b_enc is None:
+        return centred @ W_enc.t()
+    return torch.addmm(b_enc, centred, W_enc.t())
+
+
+def auxk_loss(residual: torch.Tensor, aux_recon: torch.Tensor, n_dead: int, k_aux: int) -> torch.Tensor:
+    """Gao et al.'s AuxK term: how well the dead latents model the residual,
+    normalised by the residual's variance and scaled by min(n_dead / k_aux, 1).
+
+    residual: (batch, d) detached x - x_hat; aux_recon: (batch, d) decoded dead latents, no bias.
+    """
+    var = (residual - residual.mean(0)).pow(2).sum(dim=1).mean().clamp_min(1e-8)
+    err = (aux_recon - residual).pow(2).sum(dim=1).mean() / var
+    return err * min(n_dead / max(k_aux, 1), 1.0)
+
+
+def normalized_mse(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the batch (the batch FVU)."""
+    var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-8)
+    return (x - recon).pow(2).sum() / var
