@@ -1,0 +1,169 @@
+"""Tokens/s of one SAE training step (forward, backward, optimizer) per architecture.
+
+    python benchmarks/train_step.py                       # d=512, 8192 latents, k=32, batch 4096
+    python benchmarks/train_step.py --archs topk,vl --repeats 5
+
+Columns: every registered vlsae architecture, a plain dense PyTorch TopK SAE
+(nn.Linear encoder, dense topk mask, dense decoder matmul, autograd, Adam), and
+EleutherAI sparsify's ``SparseCoder`` when it is installed (``pip install
+eai-sparsify``), stepped with torch's Adam as sparsify's ``optimizer="adam"``
+trainer path does and, for a kernel-only comparison, with fused Adam too.
+All rows run in the same process on the same data, one after the other.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from typing import Callable
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import dataclasses
+
+from vlsae import create_sae, get_sae_class, list_archs
+from vlsae.saes.base import TrainContext
+
+
+def time_steps(step: Callable[[], None], warmup: int, repeats: int) -> float:
+    """Median seconds per call after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def vlsae_step(arch: str, x: torch.Tensor | dict, d: int, n_latents: int, k: int, device: str) -> Callable[[], None]:
+    kwargs = {"d_in": d, "n_latents": n_latents}
+    if "k" in get_sae_class(arch).config_class.__dataclass_fields__:
+        kwargs["k"] = k
+    sae = create_sae(arch, **kwargs).to(device)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
+    ctx = TrainContext(step=100, progress=0.5)
+
+    def step() -> None:
+        out = sae.training_forward(x, ctx)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        sae.before_optimizer_step()
+        optimizer.step()
+        sae.after_optimizer_step()
+    return step
+
+
+def default_modalities(arch: str) -> tuple[str, ...]:
+    """Modalities a multimodal architecture trains on by default (empty for single-stream)."""
+    for f in dataclasses.fields(get_sae_class(arch).config_class):
+        if f.name == "modalities":
+            if f.default is not dataclasses.MISSING:
+                return tuple(f.default)
+            if f.default_factory is not dataclasses.MISSING:
+                return tuple(f.default_factory())
+    return ()
+
+
+def dense_topk_step(x: torch.Tensor, d: int, n_latents: int, k: int, device: str) -> Callable[[], None]:
+    """The textbook implementation everything is compared with."""
+    encoder = torch.nn.Linear(d, n_latents).to(device)
+    decoder = torch.nn.Linear(n_latents, d).to(device)
+    optimizer = torch.optim.Adam(list(encoder.parameters()) + list(decoder.parameters()), lr=1e-4)
+
+    def step() -> None:
+        pre = torch.relu(encoder(x))
+        values, indices = pre.topk(k, dim=1)
+        z = torch.zeros_like(pre).scatter(1, indices, values)
+        recon = decoder(z)
+        loss = (recon - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def sparsify_step(x: torch.Tensor, d: int, n_latents: int, k: int, device: str, fused: bool) -> Callable[[], None] | None:
+    try:
+        from sparsify import SparseCoder, SparseCoderConfig
+    except ImportError:
+        return None
+    if not str(device).startswith("cuda"):
+        # sparsify picks its Triton decoder whenever triton imports (the CUDA torch
+        # wheel ships it), which cannot run without a GPU; use its own eager path.
+        import sparsify.sparse_coder
+        import sparsify.utils
+        sparsify.sparse_coder.decoder_impl = sparsify.utils.eager_decode
+    coder = SparseCoder(d, SparseCoderConfig(num_latents=n_latents, k=k), device=device)
+    optimizer = torch.optim.Adam(coder.parameters(), lr=1e-4, fused=fused)
+
+    def step() -> None:
+        out = coder(x)
+        optimizer.zero_grad(set_to_none=True)
+        (out.fvu + out.auxk_loss / 32).backward()
+        coder.remove_gradient_parallel_to_decoder_directions()
+        optimizer.step()
+        coder.set_decoder_norm_to_unit_norm()
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", default=",".join(a for a in list_archs() if a not in ("mp",)) + ",mp",
+                        help="comma-separated vlsae architectures")
+    parser.add_argument("--d", type=int, default=512)
+    parser.add_argument("--latents", type=int, default=8192)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the dense and sparsify rows")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, args.d, device=args.device)
+    rows: list[tuple[str, float]] = []
+    candidates: list[tuple[str, Callable[[], Callable[[], None] | None]]] = []
+    for arch in [a for a in args.archs.split(",") if a]:
+        if arch not in list_archs():
+            raise SystemExit(f"unknown architecture '{arch}'; registered: {', '.join(list_archs())}")
+        data: torch.Tensor | dict = x
+        if default_modalities(arch):
+            data = {m: torch.randn_like(x) for m in default_modalities(arch)}
+        candidates.append((f"vlsae {arch}", lambda arch=arch, data=data: vlsae_step(arch, data, args.d, args.latents, args.k, args.device)))
+    if not args.no_baselines:
+        candidates.append(("dense PyTorch TopK", lambda: dense_topk_step(x, args.d, args.latents, args.k, args.device)))
+        candidates.append(("sparsify SparseCoder + Adam", lambda: sparsify_step(x, args.d, args.latents, args.k, args.device, fused=False)))
+        candidates.append(("sparsify SparseCoder + fused Adam", lambda: sparsify_step(x, args.d, args.latents, args.k, args.device, fused=True)))
+
+    for name, build in candidates:
+        step = build()
+        if step is None:
+            print(f"skipping {name}: not installed")
+            continue
+        seconds = time_steps(step, args.warmup, args.repeats)
+        rows.append((name, seconds))
+        print(f"{name:40s} {seconds * 1000:9.1f} ms/step", flush=True)
+
+    reference = dict(rows).get("sparsify SparseCoder + Adam")
+    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    table = Table(title=f"training step, d={args.d}, {args.latents} latents, k={args.k}, batch {args.batch} ({machine}, torch {torch.__version__})")
+    table.add_column("implementation")
+    table.add_column("ms/step", justify="right")
+    table.add_column("tokens/s", justify="right")
+    table.add_column("vs sparsify+Adam", justify="right")
+    for name, seconds in rows:
+        ratio = f"{reference / seconds:.2f}x" if reference else "-"
+        table.add_row(name, f"{seconds * 1000:.1f}", f"{args.batch / seconds:,.0f}", ratio)
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
