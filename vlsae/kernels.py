@@ -44,7 +44,7 @@ def sampled_rows_dot(indices: torch.Tensor, left: torch.Tensor, rows: torch.Tens
     crow = torch.arange(0, batch * width + 1, width, device=left.device)
     pattern = torch.sparse_csr_tensor(
         crow, indices.reshape(-1), torch.zeros(batch * width, device=left.device, dtype=dtype),
-        (batch, rows.shape[0]),
+        (batch, rows.shape[0]), check_invariants=False,
     )
     out = torch.sparse.sampled_addmm(pattern, left.to(dtype), rows.to(dtype).t(), beta=0.0)
     return out.values().view(batch, width).to(left.dtype)
@@ -63,7 +63,8 @@ def scatter_rows(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tenso
     counts = torch.bincount(flat, minlength=n_rows)
     crow = torch.zeros(n_rows + 1, dtype=torch.long, device=dense.device)
     crow[1:] = counts.cumsum(0)
-    matrix = torch.sparse_csr_tensor(crow, columns, values.reshape(-1)[order].to(dtype), (n_rows, batch))
+    matrix = torch.sparse_csr_tensor(crow, columns, values.reshape(-1)[order].to(dtype), (n_rows, batch),
+                                     check_invariants=False)
     return (matrix @ dense.to(dtype)).to(dense.dtype)
 
 
