@@ -74,7 +74,11 @@ class SAE(nn.Module):
     def __init__(self, config: SAEConfig):
         super().__init__()
         self.config = config
-        d, n = config.d_in, config.n_latents
+        self.build_decoder()
+
+    def build_decoder(self) -> None:
+        """One linear decoder ``W_dec`` (n_latents, d_in) + ``b_dec``; multimodal SAEs override."""
+        d, n = self.config.d_in, self.config.n_latents
         self.W_dec = nn.Parameter(torch.empty(n, d))
         self.b_dec = nn.Parameter(torch.zeros(d))
         self.reset_decoder()
