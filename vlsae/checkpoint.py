@@ -88,7 +88,12 @@ def save_sae(sae: SAE, path: str | Path, metadata: dict[str, Any] | None = None)
 
 
 def _looks_like_pickle(path: Path) -> bool:
-    head = path.read_bytes()[:4]
+    """torch.save writes a zip ('PK') or a raw pickle (0x80 protocol byte); a
+    safetensors file starts with an 8-byte header length followed by '{'."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if len(head) == 9 and head[8:9] == b"{":
+        return False
     return head[:1] == b"\x80" or head[:2] == b"PK"
 
 
