@@ -9,6 +9,8 @@ EleutherAI sparsify's ``SparseCoder`` when it is installed (``pip install
 eai-sparsify``), stepped with torch's Adam as sparsify's ``optimizer="adam"``
 trainer path does and, for a kernel-only comparison, with fused Adam too.
 All rows run in the same process on the same data, one after the other.
+Multimodal architectures (``vl*``) step on a batch of every modality, so their
+tokens/s counts the rows of all modalities (image rows + text rows).
 """
 from __future__ import annotations
 
@@ -129,39 +131,42 @@ def main() -> None:
 
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.d, device=args.device)
-    rows: list[tuple[str, float]] = []
-    candidates: list[tuple[str, Callable[[], Callable[[], None] | None]]] = []
+    rows: list[tuple[str, float, int]] = []  # name, seconds, input rows per step
+    candidates: list[tuple[str, int, Callable[[], Callable[[], None] | None]]] = []
     for arch in [a for a in args.archs.split(",") if a]:
         if arch not in list_archs():
             raise SystemExit(f"unknown architecture '{arch}'; registered: {', '.join(list_archs())}")
         data: torch.Tensor | dict = x
         if default_modalities(arch):
             data = {m: torch.randn_like(x) for m in default_modalities(arch)}
-        candidates.append((f"vlsae {arch}", lambda arch=arch, data=data: vlsae_step(arch, data, args.d, args.latents, args.k, args.device)))
+        n_rows = args.batch * (len(data) if isinstance(data, dict) else 1)
+        candidates.append((f"vlsae {arch}", n_rows, lambda arch=arch, data=data: vlsae_step(arch, data, args.d, args.latents, args.k, args.device)))
     if not args.no_baselines:
-        candidates.append(("dense PyTorch TopK", lambda: dense_topk_step(x, args.d, args.latents, args.k, args.device)))
-        candidates.append(("sparsify SparseCoder + Adam", lambda: sparsify_step(x, args.d, args.latents, args.k, args.device, fused=False)))
-        candidates.append(("sparsify SparseCoder + fused Adam", lambda: sparsify_step(x, args.d, args.latents, args.k, args.device, fused=True)))
+        candidates.append(("dense PyTorch TopK", args.batch, lambda: dense_topk_step(x, args.d, args.latents, args.k, args.device)))
+        candidates.append(("sparsify SparseCoder + Adam", args.batch, lambda: sparsify_step(x, args.d, args.latents, args.k, args.device, fused=False)))
+        candidates.append(("sparsify SparseCoder + fused Adam", args.batch, lambda: sparsify_step(x, args.d, args.latents, args.k, args.device, fused=True)))
 
-    for name, build in candidates:
+    for name, n_rows, build in candidates:
         step = build()
         if step is None:
             print(f"skipping {name}: not installed")
             continue
         seconds = time_steps(step, args.warmup, args.repeats)
-        rows.append((name, seconds))
-        print(f"{name:40s} {seconds * 1000:9.1f} ms/step", flush=True)
+        rows.append((name, seconds, n_rows))
+        print(f"{name:40s} {seconds * 1000:9.1f} ms/step {n_rows / seconds:12,.0f} tokens/s", flush=True)
 
-    reference = dict(rows).get("sparsify SparseCoder + Adam")
+    reference = next((n_rows / s for name, s, n_rows in rows if name == "sparsify SparseCoder + Adam"), None)
     machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     table = Table(title=f"training step, d={args.d}, {args.latents} latents, k={args.k}, batch {args.batch} ({machine}, torch {torch.__version__})")
     table.add_column("implementation")
+    table.add_column("rows/step", justify="right")
     table.add_column("ms/step", justify="right")
     table.add_column("tokens/s", justify="right")
     table.add_column("vs sparsify+Adam", justify="right")
-    for name, seconds in rows:
-        ratio = f"{reference / seconds:.2f}x" if reference else "-"
-        table.add_row(name, f"{seconds * 1000:.1f}", f"{args.batch / seconds:,.0f}", ratio)
+    for name, seconds, n_rows in rows:
+        tokens_per_s = n_rows / seconds
+        ratio = f"{tokens_per_s / reference:.2f}x" if reference else "-"
+        table.add_row(name, str(n_rows), f"{seconds * 1000:.1f}", f"{tokens_per_s:,.0f}", ratio)
     Console().print(table)
 
 
