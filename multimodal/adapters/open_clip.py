@@ -1,0 +1,309 @@
+"""open_clip CLIP models: image and text activations.
+
+Spec: ``open_clip:ARCH[:WEIGHTS]``
+
+- ARCH: a config name open_clip knows (built-in, or added with
+  ``open_clip.add_model_config``), a path to such a config ``.json`` (it is
+  registered under its file stem), a folder holding ``open_clip_config.json``
+  and weights, or ``local-dir:PATH`` / ``hf-hub:ORG/REPO`` (open_clip's schemas).
+- WEIGHTS: a pretrained tag (``laion2b_s34b_b79k``; read from the Hugging Face
+  cache, offline when ``HF_HUB_OFFLINE=1``), a weights file (``.safetensors``
+  preferred), or ``random``. Left out: random weights, with a warning.
+
+Hook points (batch-first token tensors of the towers' residual blocks):
+
+- ``final``: ``encode_image`` and ``encode_text`` (the joint embedding space;
+  both modalities), ``visual.final`` / ``text.final`` for one of them;
+- ``visual.blocks.N``: output of vision block N, tokens = class token + patches;
+- ``text.blocks.N``: output of text block N, before ``ln_final``. The text
+  tower is causal, so its ``cls`` row is the token open_clip pools: the
+  end-of-text token for CLIP's ``argmax`` pooling (the first end-of-text token
+  for ``eos`` pooling, the first/last position for ``first``/``last``).
+
+Token modes are in :mod:`multimodal.adapters.base`. Hooks for two modalities
+combine with a comma: ``visual.blocks.5,text.blocks.3``.
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from vlsae.errors import VlsaeError
+
+from multimodal.adapters import register_adapter
+from multimodal.adapters.base import Adapter, BlockCapture, Extracted, Prepared, pair_fields, select_tokens, stack_images
+
+_PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt"}
+_WEIGHT_SUFFIXES = {".safetensors", ".npz", ".npy"} | _PICKLE_SUFFIXES
+
+
+def _looks_like_path(value: str) -> bool:
+    return os.sep in value or value.startswith(".") or Path(value).suffix in _WEIGHT_SUFFIXES
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def parse_open_clip_spec(rest: str) -> tuple[str, str | None]:
+    """``ARCH[:WEIGHTS]`` -> (arch, weights or None); open_clip schemas keep their colon."""
+    rest = rest.strip()
+    if not rest:
+        raise VlsaeError("open_clip spec needs an architecture: open_clip:ARCH[:WEIGHTS], e.g. open_clip:ViT-B-32:laion2b_s34b_b79k")
+    for schema in ("local-dir:", "hf-hub:"):
+        if rest.startswith(schema):
+            return rest, None
+    arch, sep, weights = rest.partition(":")
+    return arch, (weights if sep and weights else None)
+
+
+def load_open_clip(arch: str, weights: str | None, device: torch.device | str = "cpu", warn_random: bool = True):
+    """(model in eval mode, image transform, tokenizer, resolved arch) for an open_clip spec.
+
+    Every way loading can fail for a user reason becomes a one-line VlsaeError.
+    """
+    import open_clip
+
+    if arch.endswith(".json"):
+        path = Path(arch)
+        if not path.is_file():
+            raise VlsaeError(f"open_clip config file not found: {arch}")
+        open_clip.add_model_config(path)
+        arch = path.stem
+    elif not arch.startswith(("local-dir:", "hf-hub:")) and Path(arch).is_dir():
+        if not (Path(arch) / "open_clip_config.json").is_file():
+            raise VlsaeError(f"{arch} is a folder without open_clip_config.json; pass open_clip:ARCH:{arch}/WEIGHTS_FILE instead")
+        arch = f"local-dir:{arch}"
+    if arch.startswith("local-dir:"):
+        folder = Path(arch[len("local-dir:"):])
+        if not (folder / "open_clip_config.json").is_file():
+            raise VlsaeError(f"open_clip folder {folder} has no open_clip_config.json")
+    elif not arch.startswith("hf-hub:") and open_clip.get_model_config(arch) is None:
+        match = difflib.get_close_matches(arch, open_clip.list_models(), n=3)
+        hint = f"did you mean {', '.join(match)}? " if match else ""
+        raise VlsaeError(f"open_clip has no architecture '{arch}': {hint}pass a built-in name, a config .json path, or local-dir:FOLDER")
+
+    pretrained: str | None = None
+    if weights is None or weights == "random":
+        if weights is None and not arch.startswith(("local-dir:", "hf-hub:")) and warn_random:
+            print(f"vlsae: open_clip:{arch} has no weights in its spec; using random weights "
+                  f"(add ':random' to silence this, or ':TAG' / ':FILE' for real ones)", file=sys.stderr)
+    elif _looks_like_path(weights) or Path(weights).exists():
+        if not Path(weights).is_file():
+            raise VlsaeError(f"open_clip weights file not found: {weights}")
+        pretrained = weights
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        if weights not in tags:
+            raise VlsaeError(f"open_clip {arch} has no pretrained tag '{weights}'"
+                             + (f"; known tags: {', '.join(tags)}" if tags else "; pass a weights file path instead"))
+        pretrained = weights
+
+    previous = logging.root.manager.disable
+    if pretrained is None:  # open_clip logs a warning for random weights; ours (above) says how to silence it
+        logging.disable(logging.WARNING)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device)
+        tokenizer = open_clip.get_tokenizer(arch)
+    except (RuntimeError, OSError, ValueError) as exc:
+        message = _first_line(exc)
+        if pretrained is not None and pretrained == weights and not _looks_like_path(weights):
+            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+            raise VlsaeError(
+                f"weights '{weights}' for open_clip {arch} not found locally"
+                f"{' (HF_HUB_OFFLINE is set)' if offline else ''}; download them once where the hub is reachable, "
+                f"or pass a file: open_clip:{arch}:/path/to/open_clip_model.safetensors") from None
+        if pretrained is not None:
+            raise VlsaeError(f"could not load {pretrained} into open_clip {arch}: {message}") from None
+        raise VlsaeError(f"could not build open_clip {arch}: {message}") from None
+    finally:
+        logging.disable(previous)
+    model.eval()
+    return model, preprocess, tokenizer, arch
+
+
+def _tower_parts(model: Any) -> dict[str, Any]:
+    """Where the blocks of each tower are and how their tokens are laid out."""
+    from open_clip.transformer import TextTransformer, VisionTransformer
+
+    parts: dict[str, Any] = {"image_blocks": [], "text_blocks": []}
+    visual = model.visual
+    if isinstance(visual, VisionTransformer):
+        parts.update(image_blocks=list(visual.transformer.resblocks), image_seq_first=not visual.transformer.batch_first,
+                     image_prefix=1, image_has_cls=True)
+    elif hasattr(visual, "trunk") and hasattr(visual.trunk, "blocks"):  # timm vision tower
+        trunk = visual.trunk
+        parts.update(image_blocks=list(trunk.blocks), image_seq_first=False,
+                     image_prefix=int(getattr(trunk, "num_prefix_tokens", 0)),
+                     image_has_cls=getattr(trunk, "cls_token", None) is not None)
+    text = getattr(model, "text", None)
+    if text is None and hasattr(model, "transformer"):  # plain CLIP keeps the text tower on the model
+        parts.update(text_blocks=list(model.transformer.resblocks), text_seq_first=not model.transformer.batch_first,
+                     text_pool=model.text_pool_type, text_eos=getattr(model, "text_eos_id", None), text_cls_emb=False)
+    elif isinstance(text, TextTransformer):
+        parts.update(text_blocks=list(text.transformer.resblocks), text_seq_first=not text.transformer.batch_first,
+                     text_pool=text.pool_type, text_eos=getattr(text, "eos_id", None),
+                     text_cls_emb=getattr(text, "cls_emb", None) is not None)
+    return parts
+
+
+def pooled_text_position(ids: Tensor, pool: str, eos_id: int | None, seq_len: int) -> Tensor:
+    """(batch,) position of the token open_clip pools for each caption (see ``text_global_pool``)."""
+    batch = ids.shape[0]
+    if pool == "argmax":
+        return ids.argmax(dim=-1)
+    if pool == "eos" and eos_id is not None:
+        return (ids == eos_id).int().argmax(dim=-1)
+    if pool == "first":
+        return torch.zeros(batch, dtype=torch.long, device=ids.device)
+    return torch.full((batch,), seq_len - 1, dtype=torch.long, device=ids.device)
+
+
+@register_adapter("open_clip")
+class OpenClipAdapter(Adapter):
+    usage = "open_clip:ARCH[:PRETRAINED_TAG|WEIGHTS_FILE|random]"
+    summary = "an open_clip CLIP: image and text embeddings or any tower block's tokens"
+    modalities = ("image", "text")
+
+    def __init__(self, model: Any, preprocess: Any, tokenizer: Any, device: torch.device, dtype: torch.dtype,
+                 arch: str = "", weights: str | None = None):
+        super().__init__(device, dtype)
+        self.model = model.to(device).eval()
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.arch = arch
+        self.weights = weights
+        self._parts = _tower_parts(model)
+        self._widths: dict[str, dict[str, int]] = {}
+
+    @classmethod
+    def from_spec(cls, rest: str, device: torch.device, dtype: torch.dtype, **options: Any) -> "OpenClipAdapter":
+        if options:
+            raise VlsaeError(f"open_clip adapter takes no options, got {', '.join(options)}")
+        arch, weights = parse_open_clip_spec(rest)
+        model, preprocess, tokenizer, arch = load_open_clip(arch, weights, device=device)
+        return cls(model, preprocess, tokenizer, device, dtype, arch=arch, weights=weights)
+
+    # -- hook points ----------------------------------------------------------
+    def hook_points(self) -> list[str]:
+        points = ["final", "visual.final", "text.final"]
+        points += [f"visual.blocks.{i}" for i in range(len(self._parts["image_blocks"]))]
+        points += [f"text.blocks.{i}" for i in range(len(self._parts["text_blocks"]))]
+        return points
+
+    def hook_modalities(self, point: str) -> tuple[str, ...]:
+        if point == "final":
+            return ("image", "text")
+        return ("image",) if point.startswith("visual.") else ("text",)
+
+    def widths(self, hook: str) -> dict[str, int]:
+        if hook not in self._widths:
+            points = self.parse_hook(hook)
+            from PIL import Image
+
+            size = self._image_size()
+            probe = [{"key": "probe", "image": Image.new("RGB", (size, size)), "caption": "a"}]
+            out = self.forward(self.prepare(probe, modalities=list(points)), hook, "cls")
+            self._widths[hook] = {m: int(t.shape[1]) for m, t in out.acts.items()}
+        return dict(self._widths[hook])
+
+    def _image_size(self) -> int:
+        size = getattr(self.model.visual, "image_size", 224)
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    # -- running --------------------------------------------------------------
+    def prepare(self, pairs: Sequence[Any], modalities: Sequence[str] | None = None) -> Prepared:
+        wanted = set(modalities or self.modalities)
+        fields = [pair_fields(p) for p in pairs]
+        keys = [str(k) for k, _, _ in fields]
+        inputs: dict[str, Tensor] = {}
+        if "image" in wanted:
+            inputs["image"] = stack_images((img for _, img, _ in fields), self.preprocess)
+        if "text" in wanted:
+            captions = [c for _, _, c in fields]
+            if any(c is None for c in captions):
+                raise VlsaeError("a pair has no caption; text activations need the txt field of every record")
+            inputs["text"] = self.tokenizer([str(c) for c in captions])
+        return Prepared(keys=keys, inputs=inputs)
+
+    def forward(self, prepared: Prepared, hook: str, tokens: str) -> Extracted:
+        tokens = self.check_tokens(tokens)
+        points = self.parse_hook(hook)
+        acts: dict[str, Tensor] = {}
+        index: dict[str, Tensor] = {}
+        with torch.no_grad(), self.autocast():
+            for modality, point in points.items():
+                if modality not in prepared.inputs:
+                    raise VlsaeError(f"batch was prepared without {modality} inputs for hook '{hook}'")
+                x = prepared.inputs[modality].to(self.device, non_blocking=True)
+                if point.endswith("final"):
+                    if tokens != "cls":
+                        raise VlsaeError(f"hook '{point}' gives one embedding per input; use --tokens cls "
+                                         f"(token modes apply to block hooks such as visual.blocks.N)")
+                    out = self.model.encode_image(x) if modality == "image" else self.model.encode_text(x)
+                    acts[modality], index[modality] = out, torch.arange(out.shape[0])
+                elif modality == "image":
+                    acts[modality], index[modality] = self._image_block(x, int(point.rsplit(".", 1)[1]), tokens)
+                else:
+                    acts[modality], index[modality] = self._text_block(x, int(point.rsplit(".", 1)[1]), tokens)
+        return self._finish(prepared.keys, acts, index)
+
+    def _image_block(self, x: Tensor, n: int, tokens: str) -> tuple[Tensor, Tensor]:
+        parts = self._parts
+        with BlockCapture({n: parts["image_blocks"][n]}, seq_first=parts["image_seq_first"]) as capture:
+            capture.run(lambda: self.model.visual(x))
+        hidden = capture.outputs[n]
+        batch, seq, _ = hidden.shape
+        positions = torch.arange(seq, device=hidden.device).expand(batch, seq)
+        patch_mask = positions >= parts["image_prefix"]
+        all_mask = torch.ones_like(patch_mask)
+        cls_pos = torch.zeros(batch, dtype=torch.long, device=hidden.device) if parts["image_has_cls"] else None
+        return select_tokens(hidden, tokens, cls_pos, patch_mask, all_mask)
+
+    def _text_block(self, ids: Tensor, n: int, tokens: str) -> tuple[Tensor, Tensor]:
+        parts = self._parts
+        with BlockCapture({n: parts["text_blocks"][n]}, seq_first=parts["text_seq_first"]) as capture:
+            capture.run(lambda: self.model.encode_text(ids))
+        hidden = capture.outputs[n]
+        batch, seq, _ = hidden.shape
+        positions = torch.arange(seq, device=hidden.device).expand(batch, seq)
+        pool = parts["text_pool"]
+        cls_pos = pooled_text_position(ids, pool, parts["text_eos"], seq)
+        if pool in ("argmax", "eos"):
+            all_mask = positions <= cls_pos.unsqueeze(1)
+        else:
+            real = ids != 0
+            if seq > ids.shape[1]:  # a class embedding appended after the text tokens
+                real = torch.cat([real, torch.ones(batch, seq - ids.shape[1], dtype=torch.bool, device=ids.device)], 1)
+            all_mask = real
+        patch_mask = all_mask & (positions != 0) & (positions != cls_pos.unsqueeze(1))
+        if parts.get("text_cls_emb"):
+            patch_mask &= positions < ids.shape[1]
+        return select_tokens(hidden, tokens, cls_pos, patch_mask, all_mask)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "arch": self.arch, "weights": self.weights}
+
+
+@register_adapter("shapes-clip")
+class ShapesClipAdapter(OpenClipAdapter):
+    usage = "shapes-clip"
+    summary = "the embedded small CLIP trained on ShapesWorld (trained on first use, then cached)"
+
+    @classmethod
+    def from_spec(cls, rest: str, device: torch.device, dtype: torch.dtype, **options: Any) -> "ShapesClipAdapter":
+        if rest:
+            raise VlsaeError("shapes-clip takes no arguments; for another checkpoint use open_clip:shapes-clip:FILE")
+        from multimodal.zoo import load_model
+
+        loaded = load_model("shapes-clip", device=device, **options)
+        return cls(loaded.model, loaded.preprocess, loaded.tokenizer, device, dtype, arch="shapes-clip",
+                   weights=str(loaded.weights))
