@@ -63,6 +63,21 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
         shutil.rmtree(old)
 
 
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """save_file via a temp file + rename: the old file stays intact until the new one is complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def save_sae(sae: SAE, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
     """Write ``sae`` to the folder ``path`` atomically; returns the path.
 
@@ -71,15 +86,7 @@ def save_sae(sae: SAE, path: str | Path, metadata: dict[str, Any] | None = None)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in sae.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{WEIGHTS}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"arch": sae.arch})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path / WEIGHTS)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_save_tensors(tensors, path / WEIGHTS, metadata={"arch": sae.arch})
     record = {"format": FORMAT_VERSION, "arch": sae.arch, "config": to_dict(sae.config)}
     if metadata:
         record["metadata"] = metadata
@@ -130,7 +137,12 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
-    """Rebuild an SAE from a checkpoint folder written by :func:`save_sae`."""
+    """Rebuild an SAE from a checkpoint folder written by :func:`save_sae`.
+
+    When the folder also holds an alignment stage (``projector.safetensors``),
+    the SAE comes back wrapped in :class:`vlsae.alignment.AlignedSAE`, which
+    projects raw activations in and maps reconstructions back out.
+    """
     path = Path(path)
     record = read_config(path)
     get_sae_class(record["arch"])  # unknown arch -> one-line error listing the registry
@@ -145,4 +157,8 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise VlsaeError(f"{path / WEIGHTS}: tensor '{name}' has shape {tuple(tensor.shape)}, config says {tuple(expected[name].shape)}")
     sae.load_state_dict(tensors)
-    return sae.to(device)
+    sae = sae.to(device)
+    from vlsae.alignment import PROJECTOR_WEIGHTS, AlignedSAE, ContrastiveProjector
+    if (path / PROJECTOR_WEIGHTS).exists():
+        return AlignedSAE(sae, ContrastiveProjector.load(path).to(device))  # type: ignore[return-value]
+    return sae
