@@ -1,0 +1,257 @@
+"""Activation extraction: pairs -> model adapter -> activation cache.
+
+:func:`extract` is what ``vlsae extract`` runs: it reads webdataset pair shards,
+runs an adapter in batches and streams the activations into an
+:class:`~multimodal.cache.ActivationWriter`. :func:`extract_pairs` does the same
+for any iterable of pair records (tests, in-memory data).
+
+Pipeline: a background thread reads records and batches them, a small thread
+pool runs ``adapter.prepare`` (image transforms, tokenising) on the next
+batches, and the main thread runs the model and writes shards, so reading and
+preprocessing overlap the forward pass. Batch order is the record order.
+
+Resuming: when ``out`` holds an unfinished cache with the same settings, the
+pairs of its finished shards are skipped by position. Extraction restarts at
+the beginning of the batch that holds the first missing pair (and drops that
+batch's already-written pairs), so with an unchanged batch size every batch
+sees exactly the inputs it saw before and the resumed cache equals an
+uninterrupted one. The key of the last written pair is checked against the
+data, so changed data is an error, not a silent mix.
+"""
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+from vlsae.config import option
+from vlsae.errors import VlsaeError
+
+from multimodal.adapters import Adapter, create_adapter
+from multimodal.adapters.base import Extracted, dtype_name, pair_fields
+from multimodal.cache import ActivationWriter
+
+
+@dataclass
+class ExtractConfig:
+    """Settings of ``vlsae extract``."""
+
+    model: str = option("shapes-clip", help="model adapter spec: open_clip:ARCH[:WEIGHTS], timm:NAME[:WEIGHTS], shapes-clip")
+    data: str = option("", help="webdataset pair shards, e.g. 'DIR/{000000..000009}.tar'")
+    out: str = option("", help="activation cache folder to write (resumed when unfinished)")
+    hook: str = option("final", help="hook point (see --list-hooks); comma-join one per modality")
+    tokens: str = option("cls", help="token selection: cls | patch | all | mean")
+    batch_size: int = option(64, help="pairs per forward pass")
+    dtype: str = option("fp32", help="precision of the forward pass and of the stored activations: fp32 | bf16 | fp16")
+    device: str = option("auto", help="auto | cpu | cuda | cuda:N")
+    shard_rows: int = option(50_000, help="rows per cache shard (a shard closes once a modality reaches it)")
+    limit: int | None = option(None, help="stop after this many pairs (None: all)")
+    workers: int = option(2, help="threads preparing batches (image transforms, tokenising) ahead of the model")
+    overwrite: bool = option(False, help="replace an existing cache at out")
+    progress: bool = option(True, help="show a progress bar")
+
+
+@dataclass
+class ExtractResult:
+    path: Path
+    n_pairs: int
+    rows: dict[str, int]
+    width: dict[str, int]
+    resumed_from: int
+    seconds: float
+    forward_seconds: float
+    batches: int
+    manifest: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def pairs_per_second(self) -> float:
+        done = self.n_pairs - self.resumed_from
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {"out": str(self.path), "pairs": self.n_pairs, "rows": self.rows, "width": self.width,
+                "resumed_from": self.resumed_from, "seconds": round(self.seconds, 2),
+                "forward_seconds": round(self.forward_seconds, 2), "batches": self.batches,
+                "pairs_per_s": round(self.pairs_per_second, 1)}
+
+
+def drop_first_pairs(batch: Extracted, k: int) -> Extracted:
+    """The batch without its first k pairs (and their rows)."""
+    if k <= 0:
+        return batch
+    acts, index = {}, {}
+    for m, rows in batch.acts.items():
+        pair = batch.pair_index[m]
+        keep = pair >= k
+        acts[m], index[m] = rows[keep], pair[keep] - k
+    return Extracted(keys=batch.keys[k:], acts=acts, pair_index=index)
+
+
+def _batched(records: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(records)
+    while True:
+        chunk = list(itertools.islice(iterator, size))
+        if not chunk:
+            return
+        yield chunk
+
+
+class _Prefetcher:
+    """Reads batches and prepares them in background threads, yielding them in order."""
+
+    _END = object()
+
+    def __init__(self, batches: Iterator[list[Any]], prepare: Callable[[list[Any]], Any], workers: int, depth: int):
+        self.batches = batches
+        self.prepare = prepare
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self.stop = threading.Event()
+        self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="vlsae-prepare")
+        self.thread = threading.Thread(target=self._produce, name="vlsae-reader", daemon=True)
+        self.thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        try:
+            for batch in self.batches:
+                if not self._put((batch, self.pool.submit(self.prepare, batch))):
+                    return
+            self._put(self._END)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            self._put(exc)
+
+    def __iter__(self) -> Iterator[tuple[list[Any], Any]]:
+        while True:
+            item = self.queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            batch, future = item
+            yield batch, future.result()
+
+    def close(self) -> None:
+        self.stop.set()
+        while True:  # unblock the reader and cancel queued work
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, tuple) and isinstance(item[1], Future):
+                item[1].cancel()
+        self.thread.join(timeout=5)
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def extract_pairs(adapter: Adapter, records: Iterable[Any], out: str | Path, hook: str = "final", tokens: str = "cls",
+                  batch_size: int = 64, shard_rows: int = 50_000, limit: int | None = None, overwrite: bool = False,
+                  workers: int = 2, progress: bool = True, data: str = "",
+                  info: dict[str, Any] | None = None) -> ExtractResult:
+    """Run ``adapter`` over ``records`` (pair records in a fixed order) into the cache folder ``out``.
+
+    ``data`` names the records' source in the manifest (it must match to resume).
+    """
+    if batch_size < 1:
+        raise VlsaeError(f"batch size must be at least 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise VlsaeError(f"limit must be at least 1, got {limit}")
+    tokens = adapter.check_tokens(tokens)
+    points = adapter.parse_hook(hook)
+    modalities = [m for m in adapter.modalities if m in points]
+    widths = adapter.widths(hook)
+    settings = {"source": adapter.spec, "hook": hook, "tokens": tokens, "data": data}
+    info = {"adapter": adapter.describe(), "hook_points": points, **(info or {})}
+    writer = ActivationWriter(out, settings, modalities, widths, adapter.dtype, shard_rows=shard_rows,
+                              overwrite=overwrite, info=info)
+    done = writer.resume_position
+    if limit is not None and done >= limit:
+        manifest = writer.close()
+        return _result(writer, manifest, done, 0.0, 0.0, 0)
+    aligned = (done // batch_size) * batch_size
+    drop = done - aligned
+    expected_key = writer.last_key
+
+    def positioned() -> Iterator[Any]:
+        """Records from position ``aligned`` on (the skipped ones are read, not prepared)."""
+        position = -1
+        for position, record in enumerate(records):
+            if limit is not None and position >= limit:
+                return
+            if position == done - 1 and expected_key is not None and str(pair_fields(record)[0]) != expected_key:
+                raise VlsaeError(f"the data changed since the interrupted extraction into {out}: pair {position} is "
+                                 f"'{pair_fields(record)[0]}', the cache has '{expected_key}'; use the same --data or --overwrite")
+            if position >= aligned:
+                yield record
+        if position < done - 1:
+            raise VlsaeError(f"the data has {position + 1} pairs but the unfinished cache {out} already holds {done}; "
+                             f"use the same --data or --overwrite")
+
+    started = time.perf_counter()
+    forward_seconds = 0.0
+    n_batches = 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=limit, initial=done, unit="pair", desc=f"extract {hook}", dynamic_ncols=True,
+                   disable=None, leave=False)
+    prefetch = _Prefetcher(_batched(positioned(), batch_size),
+                           lambda batch: adapter.prepare(batch, modalities=modalities), workers=workers, depth=workers + 2)
+    try:
+        for _, prepared in prefetch:
+            tick = time.perf_counter()
+            batch = adapter.forward(prepared, hook, tokens)
+            forward_seconds += time.perf_counter() - tick
+            n_batches += 1
+            if drop:
+                batch, drop = drop_first_pairs(batch, drop), 0
+            writer.add(batch)
+            if bar is not None:
+                bar.update(len(batch.keys))
+    finally:
+        prefetch.close()
+        if bar is not None:
+            bar.close()
+    if writer.resume_position == 0 and not writer._pending_keys:
+        raise VlsaeError(f"no pairs to extract from {data or 'the records given'}; check --data")
+    manifest = writer.close()
+    return _result(writer, manifest, done, time.perf_counter() - started, forward_seconds, n_batches)
+
+
+def _result(writer: ActivationWriter, manifest: dict[str, Any], resumed_from: int, seconds: float,
+            forward_seconds: float, batches: int) -> ExtractResult:
+    return ExtractResult(path=writer.path, n_pairs=manifest["n_pairs"], rows=manifest["rows"], width=manifest["width"],
+                         resumed_from=resumed_from, seconds=seconds, forward_seconds=forward_seconds, batches=batches,
+                         manifest=manifest)
+
+
+def extract(config: ExtractConfig, adapter: Adapter | None = None) -> ExtractResult:
+    """``vlsae extract``: read ``config.data`` with the pair reader, write the cache at ``config.out``."""
+    if not config.data:
+        raise VlsaeError("no --data given; pass webdataset shards, e.g. --data 'DIR/{000000..000009}.tar'")
+    if not config.out:
+        raise VlsaeError("no --out given; pass the activation cache folder to write")
+    if adapter is None:
+        adapter = create_adapter(config.model, device=config.device, dtype=config.dtype)
+    from multimodal.pairs import iter_pairs
+
+    return extract_pairs(adapter, iter_pairs(config.data), config.out, hook=config.hook, tokens=config.tokens,
+                         batch_size=config.batch_size, shard_rows=config.shard_rows, limit=config.limit,
+                         overwrite=config.overwrite, workers=config.workers, progress=config.progress,
+                         data=config.data, info={"batch_size": config.batch_size, "device": str(adapter.device),
+                                                 "compute_dtype": dtype_name(adapter.dtype)})
