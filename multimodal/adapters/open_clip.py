@@ -108,8 +108,8 @@ def load_open_clip(arch: str, weights: str | None, device: torch.device | str = 
         pretrained = weights
 
     previous = logging.root.manager.disable
-    if pretrained is None:  # open_clip logs a warning for random weights; ours (above) says how to silence it
-        logging.disable(logging.WARNING)
+    # open_clip logs a warning for random weights and errors for missing ones; ours say it in one line
+    logging.disable(logging.ERROR)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device)
         tokenizer = open_clip.get_tokenizer(arch)
