@@ -1,0 +1,218 @@
+"""The zoo: small models of the real classes, trained by vlsae on ShapesWorld.
+
+Each zoo model is one module in this package with a class decorated by
+:func:`register_zoo_model`; it knows how to ``train`` itself into a folder and
+how to ``load`` that folder. Trained models live in the user's cache,
+``$VLSAE_CACHE/zoo/NAME`` (``VLSAE_CACHE`` defaults to ``~/.cache/vlsae``), are
+trained on first use by :func:`load_model`, and can be (re)built explicitly
+with ``vlsae zoo train NAME`` (:func:`train_model`). Training is seeded, so the
+same command gives the same model on the same machine and thread count.
+
+>>> report = train_model("shapes-clip")        # minutes on a CPU; prints zero-shot accuracy
+>>> loaded = load_model("shapes-clip")         # trains first if the cache has none
+>>> loaded.model, loaded.preprocess, loaded.tokenizer
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import importlib
+import json
+import os
+import pkgutil
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+from vlsae.errors import VlsaeError
+
+REPORT = "training.json"
+_REGISTRY: dict[str, type["ZooModel"]] = {}
+_IMPORTED = False
+
+
+class ZooModel:
+    """Base of zoo entries: subclasses set ``name``/``summary`` and implement ``train`` and ``load``."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    #: files that must exist in a finished model folder
+    files: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def train(cls, out_dir: Path, overrides: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+        """Train into the (empty, temporary) folder ``out_dir``; return the report (metrics, settings)."""
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, folder: Path, device: Any = "cpu") -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def evaluate(cls, folder: Path, device: Any = "cpu") -> dict[str, Any]:
+        """Metrics of a trained folder (what ``vlsae zoo eval`` prints)."""
+        raise NotImplementedError
+
+    @classmethod
+    def describe_report(cls, report: dict[str, Any]) -> str:
+        """Human-readable lines about a training report (printed by ``vlsae zoo train``)."""
+        return json.dumps(report.get("metrics", {}), indent=1)
+
+
+def register_zoo_model(name: str) -> Callable[[type[ZooModel]], type[ZooModel]]:
+    """Class decorator: make a zoo model trainable and loadable by ``name``."""
+    def wrap(cls: type[ZooModel]) -> type[ZooModel]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"zoo model '{name}' registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return wrap
+
+
+def _import_all() -> None:
+    global _IMPORTED
+    if _IMPORTED:
+        return
+    _IMPORTED = True
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+def list_models() -> list[str]:
+    """Names of every zoo model, sorted."""
+    _import_all()
+    return sorted(_REGISTRY)
+
+
+def get_zoo_class(name: str) -> type[ZooModel]:
+    _import_all()
+    if name not in _REGISTRY:
+        match = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f"did you mean '{match[0]}'? " if match else ""
+        raise VlsaeError(f"unknown zoo model '{name}': {hint}available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def cache_root() -> Path:
+    """``$VLSAE_CACHE`` or ``~/.cache/vlsae``."""
+    root = os.environ.get("VLSAE_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "vlsae"
+
+
+def zoo_dir() -> Path:
+    return cache_root() / "zoo"
+
+
+def model_dir(name: str) -> Path:
+    """Where the trained ``name`` lives (whether or not it exists yet)."""
+    return zoo_dir() / get_zoo_class(name).name
+
+
+def is_trained(name: str) -> bool:
+    cls = get_zoo_class(name)
+    folder = model_dir(name)
+    return (folder / REPORT).is_file() and all((folder / f).is_file() for f in cls.files)
+
+
+@dataclass
+class TrainReport:
+    name: str
+    path: Path
+    seconds: float
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.report.get("metrics", {})
+
+
+def train_model(name: str, overrides: dict[str, Any] | None = None, out: str | Path | None = None,
+                overwrite: bool = True, progress: bool = True) -> TrainReport:
+    """Train zoo model ``name`` (seeded) into ``out`` (default: its cache folder); returns the report.
+
+    The model is written to a temporary sibling folder and swapped into place,
+    so an interrupted training never leaves a half-written model behind.
+    """
+    cls = get_zoo_class(name)
+    target = Path(out) if out is not None else model_dir(name)
+    if target.exists() and not overwrite:
+        raise VlsaeError(f"{target} already exists; pass --overwrite to retrain")
+    if target.exists() and any(target.iterdir()) and not (target / REPORT).is_file():
+        raise VlsaeError(f"{target} is a non-empty folder that is not a zoo model; pick another --out")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    started = time.perf_counter()
+    try:
+        report = cls.train(tmp, dict(overrides or {}), progress=progress)
+        seconds = time.perf_counter() - started
+        report = {"name": cls.name, "seconds": round(seconds, 1), **report}
+        (tmp / REPORT).write_text(json.dumps(report, indent=1))
+        os.chmod(tmp, 0o755)
+        old = target.with_name(f".{target.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old.exists():
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return TrainReport(name=cls.name, path=target, seconds=seconds, report=report)
+
+
+def read_report(name: str) -> dict[str, Any]:
+    """The training report of a trained zoo model."""
+    path = model_dir(name) / REPORT
+    if not path.is_file():
+        raise VlsaeError(f"zoo model '{name}' is not trained yet ({path} missing); run vlsae zoo train {name}")
+    return json.loads(path.read_text())
+
+
+@contextlib.contextmanager
+def _training_lock(name: str):
+    """Serialise first-use training of one model across processes (POSIX advisory lock)."""
+    zoo_dir().mkdir(parents=True, exist_ok=True)
+    with open(zoo_dir() / f".{name}.lock", "w") as handle:
+        try:
+            import fcntl
+
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except (ImportError, OSError):
+            pass
+        yield
+
+
+def load_model(name: str, device: Any = "cpu", train_if_missing: bool = True, folder: str | Path | None = None) -> Any:
+    """Load zoo model ``name`` from the cache, training it first (once) when it is missing."""
+    cls = get_zoo_class(name)
+    if folder is not None:
+        return cls.load(Path(folder), device=device)
+    if not is_trained(name):
+        if not train_if_missing:
+            raise VlsaeError(f"zoo model '{name}' is not trained yet; run vlsae zoo train {name}")
+        with _training_lock(cls.name):
+            if not is_trained(name):  # another process may have trained it while we waited
+                print(f"vlsae: zoo model '{name}' is not in {zoo_dir()} yet; training it now (once, a few minutes "
+                      f"on a CPU; set VLSAE_CACHE to move the cache)", file=sys.stderr)
+                train_model(name, progress=sys.stderr.isatty())
+    return cls.load(model_dir(name), device=device)
+
+
+def evaluate_model(name: str, folder: str | Path | None = None, device: Any = "cpu") -> dict[str, Any]:
+    """Evaluate a trained zoo model (the cached one unless ``folder`` is given)."""
+    cls = get_zoo_class(name)
+    path = Path(folder) if folder is not None else model_dir(name)
+    if not (path / REPORT).is_file():
+        raise VlsaeError(f"no trained {name} at {path}; run vlsae zoo train {name}")
+    return cls.evaluate(path, device=device)
+
+
+__all__ = ["ZooModel", "register_zoo_model", "list_models", "get_zoo_class", "cache_root", "zoo_dir", "model_dir",
+           "is_trained", "train_model", "load_model", "evaluate_model", "read_report", "TrainReport"]

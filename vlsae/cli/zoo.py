@@ -1,0 +1,71 @@
+"""``vlsae zoo``: the small models of the embedded default.
+
+``vlsae zoo list`` shows every zoo model and whether it is trained,
+``vlsae zoo train NAME [--set key=value ...]`` trains one (seeded) into the
+cache and prints its evaluation, ``vlsae zoo eval NAME`` re-evaluates the cached
+model, ``vlsae zoo path NAME`` prints its folder. The work is in
+:mod:`multimodal.zoo`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import yaml
+
+from vlsae.errors import VlsaeError
+
+HELP = "list, train or evaluate the small models of the embedded default (shapes-clip, ...)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["list", "train", "eval", "path"], help="what to do")
+    parser.add_argument("name", nargs="?", default=None, help="zoo model name, e.g. shapes-clip")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="training setting, e.g. steps=500 or seed=1 (repeatable; see the model's config)")
+    parser.add_argument("--out", default=None, help="train into this folder instead of the cache")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise VlsaeError(f"--set '{item}' must look like key=value, e.g. steps=500")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from multimodal import zoo
+
+    if args.action == "list":
+        for name in zoo.list_models():
+            cls = zoo.get_zoo_class(name)
+            state = "trained" if zoo.is_trained(name) else "not trained"
+            print(f"{name:<16} {state:<12} {cls.summary}  [{zoo.model_dir(name)}]")
+        return 0
+    if not args.name:
+        raise VlsaeError(f"vlsae zoo {args.action} needs a model name; available: {', '.join(zoo.list_models())}")
+    cls = zoo.get_zoo_class(args.name)
+    if args.action == "path":
+        print(zoo.model_dir(args.name))
+        return 0
+    if args.action == "train":
+        result = zoo.train_model(args.name, _overrides(args.overrides), out=args.out, progress=not args.no_progress)
+        report = result.report
+        print(f"trained {result.name} in {result.seconds:.0f} s -> {result.path}")
+    else:
+        if args.overrides:
+            raise VlsaeError("--set applies to vlsae zoo train only")
+        report = {"metrics": zoo.evaluate_model(args.name, folder=args.out)}
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(cls.describe_report(report))
+    return 0
