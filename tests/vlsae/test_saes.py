@@ -183,8 +183,12 @@ def dense_reference_loss(arch, sae, x):
     return normalized_mse(x, z @ sae.W_dec + sae.b_dec)
 
 
-@pytest.mark.parametrize("arch", ["topk", "abstopk", "batchtopk", "matryoshka", "jumprelu"])
-def test_sparse_gradients_equal_dense_autograd(arch):
+@pytest.mark.parametrize("arch", ["topk", "abstopk", "batchtopk", "matryoshka", "jumprelu", "jumprelu-dense"])
+def test_sparse_gradients_equal_dense_autograd(arch, monkeypatch):
+    import vlsae.saes.jumprelu as jumprelu_module
+    # jumprelu trains densely while many latents are candidates; check both paths
+    monkeypatch.setattr(jumprelu_module, "DENSE_ABOVE", 10**6 if arch == "jumprelu-dense" else 1)
+    arch = arch.split("-")[0]
     sae = perturbed(arch).train()
     if arch == "jumprelu":  # put many pre-activations inside the kernel window
         with torch.no_grad():

