@@ -74,6 +74,15 @@ def _matched_cos(V: torch.Tensor, D: torch.Tensor, match: torch.Tensor) -> torch
     return out
 
 
+def orient(Z: torch.Tensor, D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip each latent whose codes sum to a negative value: (z_j, d_j) -> (-z_j, -d_j).
+    The product z_j d_j, hence every reconstruction, is unchanged; a signed SAE (AbsTopK,
+    signed MP) that wrote a non-negative feature as -d with negative codes is then
+    scored like one that wrote +d. Non-negative codes are left as they are."""
+    sign = torch.where(Z.sum(dim=0) < 0, -1.0, 1.0)
+    return Z * sign, D * sign[:, None]
+
+
 # --------------------------------------------------------------- codes
 def _pearson_columns(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pearson correlation of matching columns of a, b (n, m) -> (m,); 0 where one is constant."""
@@ -313,7 +322,7 @@ def frequency_match_error(freq: torch.Tensor, Z: torch.Tensor, match: torch.Tens
 
 
 __all__ = [
-    "cosine_matrix", "mmcs", "recovery_rate", "match_features", "best_latent", "matched_code_correlation",
+    "cosine_matrix", "orient", "mmcs", "recovery_rate", "match_features", "best_latent", "matched_code_correlation",
     "absorption_cos", "absorption_rate", "structure_mse", "per_group_recovery", "axis_metrics", "sign_accuracy",
     "sign_usage", "same_index_agreement", "modality_scores", "multimodal_fraction", "fvu", "mean_l0",
     "dead_fraction", "firing_rates", "frequency_match_error",

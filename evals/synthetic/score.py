@@ -85,13 +85,16 @@ def score_planted(data: PlantedData, Z: torch.Tensor | dict[str, torch.Tensor],
                   D: torch.Tensor | dict[str, torch.Tensor], *, one_sae: bool = True) -> dict[str, Any]:
     """All metrics of ``data.suite`` from test-set codes Z, reconstructions and decoder
     directions D (dicts by modality for the multimodal suite; ``one_sae=False`` when
-    they come from one SAE per modality, which skips the latent-space-wide metrics)."""
+    they come from one SAE per modality, which skips the latent-space-wide metrics).
+    Latents are first oriented (:func:`metrics.orient`) so signed SAEs are not
+    penalised for writing a feature as -d with negative codes."""
     suite = data.suite
     meta = data.meta
     if suite == "multimodal":
         return _score_multimodal(data, Z, recon, D, one_sae)  # type: ignore[arg-type]
     x, H, V = data.test, data.codes_test, data.directions
     assert isinstance(Z, torch.Tensor) and isinstance(D, torch.Tensor) and isinstance(recon, torch.Tensor)
+    Z, D = M.orient(Z, D)
     absolute = suite == "bidirectional"
     out, match = _common(x, Z, recon, H, V, D, absolute=absolute)
     if suite == "independent":
@@ -127,6 +130,14 @@ def _score_multimodal(data: PlantedData, Z: dict[str, torch.Tensor], recon: dict
                       D: dict[str, torch.Tensor], one_sae: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     per: dict[str, dict[str, float]] = {}
+    if one_sae:  # one latent space: orient each latent by its codes on both modalities together
+        sign = torch.where(sum(Z[m].sum(dim=0) for m in data.modalities) < 0, -1.0, 1.0)
+        Z = {m: Z[m] * sign for m in data.modalities}
+        D = {m: D[m] * sign[:, None] for m in data.modalities}
+    else:
+        oriented = {m: M.orient(Z[m], D[m]) for m in data.modalities}
+        Z = {m: v[0] for m, v in oriented.items()}
+        D = {m: v[1] for m, v in oriented.items()}
     for m in data.modalities:
         scores, _ = _common(data.test[m], Z[m], recon[m], data.codes_test[m], data.directions[m], D[m])
         per[m] = scores

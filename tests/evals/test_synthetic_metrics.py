@@ -253,3 +253,21 @@ def test_split_dictionary_on_bidirectional_suite():
     assert s["split_rate"] == 1.0 and s["latents_per_axis"] == 2.0
     assert s["readout_sign_accuracy"] == 1.0 and s["fvu"] < 1e-10
     assert s["bidirectional_fraction"] == 0.0
+
+
+def test_orient_flips_negative_latents_only():
+    Z = torch.tensor([[-1.0, 2.0, 0.0], [-2.0, 0.0, 0.0]])
+    Zo, Do = M.orient(Z, V[:3])
+    assert torch.equal(Zo, torch.tensor([[1.0, 2.0, 0.0], [2.0, 0.0, 0.0]]))
+    assert torch.equal(Do[0], -V[0]) and torch.equal(Do[1:], V[1:3])
+    assert torch.allclose(Zo @ Do, Z @ V[:3])
+
+
+def test_signed_dictionary_scores_like_positive_one():
+    """A signed SAE writing features as -v with negative codes gets the oracle's scores."""
+    data = generate("hierarchical", preset="A", seed=0, n_train=10, n_test=2_000)
+    H, V_ = data.codes_test, data.directions
+    flip = torch.where(torch.arange(V_.shape[0]) % 2 == 0, -1.0, 1.0)
+    s = score_planted(data, H * flip, H @ V_, V_ * flip[:, None])
+    assert s["mmcs"] == pytest.approx(1.0, abs=1e-5) and s["mcc"] == pytest.approx(1.0, abs=1e-5)
+    assert s["absorption_cos"] == pytest.approx(0.0, abs=1e-6)
