@@ -367,6 +367,8 @@ def test_mp_residual_threshold_stops_per_sample():
     x[:4] = sae.b_dec.detach()  # nothing to explain
     code = sae.encode(x)
     assert (code.l0()[:4] == 0).all()
+    atoms, coefs, _ = sae.pursue(x, 40, residual_threshold=1.0)
+    assert torch.allclose(sae.decode(code), sae.decode(merge_repeats(atoms, coefs, N)), atol=1e-5)
     residual = (x - sae.decode(code)).norm(dim=1)
     assert code.l0().min() < code.l0().max()
     loose = make("mp", signed=True, residual_threshold=3.0, max_iterations=40)
@@ -377,27 +379,42 @@ def test_mp_residual_threshold_stops_per_sample():
 
 
 # ------------------------------------------------------------------ it learns
-@pytest.mark.parametrize("arch", ARCHS)
-def test_training_reduces_error_on_planted_data(arch):
-    data = planted(4096, seed=0)
-    x, test = data[:3072], data[3072:]
-    kw = {"l1_coef": 0.5} if arch == "relu" else {}
-    sae = make(arch, **kw)
+def train(sae, x, steps=300, lr=1e-2, batch_size=128):
+    """A minimal local training loop (Adam, AuxK dead mask, decoder-norm hooks)."""
     sae.init_decoder_bias(x.mean(0))
-    start = fvu(sae.eval(), test)
     sae.train()
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
     g = torch.Generator().manual_seed(0)
-    fired = torch.zeros(N)
-    steps = 300
+    idle = torch.zeros(N)
     for step in range(steps):
-        batch = x[torch.randint(0, len(x), (128,), generator=g)]
-        out = sae.training_forward(batch, TrainContext(step=step, progress=step / steps, dead_mask=fired > 50))
+        batch = x[torch.randint(0, len(x), (batch_size,), generator=g)]
+        out = sae.training_forward(batch, TrainContext(step=step, progress=step / steps, dead_mask=idle > 50))
         opt.zero_grad()
         out.loss.backward()
         sae.before_optimizer_step()
         opt.step()
         sae.after_optimizer_step()
-        fired = torch.where(out.code.active_mask(), torch.zeros_like(fired), fired + 1)
-    end = fvu(sae.eval(), test)
+        idle = torch.where(out.code.active_mask(), torch.zeros_like(idle), idle + 1)
+    return sae.eval()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_reduces_error_on_planted_data(arch):
+    data = planted(4096, seed=0)
+    x, test = data[:3072], data[3072:]
+    sae = make(arch, **({"l1_coef": 0.5} if arch == "relu" else {}))
+    sae.init_decoder_bias(x.mean(0))
+    start = fvu(sae.eval(), test)
+    end = fvu(train(sae, x), test)
     assert end < 0.5 * start and end < 0.3, (start, end)
+
+
+@pytest.mark.parametrize("arch,penalty,low,high", [("jumprelu", "l0_coef", 0.0, 0.02), ("relu", "l1_coef", 0.1, 2.0)])
+def test_sparsity_penalty_lowers_l0(arch, penalty, low, high):
+    x = planted(2048, seed=2)
+    l0 = {}
+    for coef in (low, high):
+        sae = train(make(arch, **{penalty: coef}), x, steps=200, lr=3e-2)  # Adam moves log(theta) <= lr a step
+        with torch.no_grad():
+            l0[coef] = float(sae.encode(x).l0().float().mean())
+    assert l0[high] < 0.5 * l0[low], l0

@@ -17,14 +17,18 @@ coefficient 1.0, SAELens's choice for MP, since dead atoms are MP's known
 weakness). The argmax is not differentiated.
 
 Speed. The selection pass runs without autograd and uses the Gram trick:
-c = r_0 D^T once, then c -= alpha_t G[j_t] per step with G = D D^T (gathered
-rows), so each step is O(batch * n_latents) memory traffic instead of a
-(batch, d, n_latents) matmul. G costs n_latents^2 * d once per batch, so it is
-used only when that is cheaper than recomputing c every step (n_latents <=
-steps * batch) and G fits in 2^28 entries (1 GiB in fp32); otherwise c is
-recomputed exactly from the residual each step. The coefficients are then
+scores s = r_0 U^T once (U = the atoms scaled to unit norm), then
+s -= alpha_t G[j_t] per step with G = D U^T (rows picked by a one-non-zero-per-row
+CSR matmul on the CPU), so each step is O(batch * n_latents) memory traffic
+instead of a (batch, d, n_latents) matmul. G costs n_latents^2 * d once per
+batch, so it is used only when that is cheaper than recomputing s every step
+(n_latents <= steps * batch) and G fits in 2^28 entries (1 GiB in fp32);
+otherwise s is recomputed exactly from the residual each step. The
+coefficients are always computed from the explicit residual, and then
 recomputed differentiably from the chosen atom sequence with (batch, d) ops
-only (:meth:`MPSAE.pursuit_coefficients`).
+only (:meth:`MPSAE.pursuit_coefficients`). Measured on the 2-core CPU (batch
+1024, d 256, 4096 latents, k 32, one thread): a training step takes ~0.5 s
+against ~0.13 s for TopK; the pursuit's argmax passes dominate.
 
 Inference: ``k`` steps by default (``encode(x, steps=...)`` to change it), or,
 with ``residual_threshold`` > 0, per-sample stopping once ||r|| < tau or the
@@ -199,7 +203,9 @@ class MPSAE(SAE):
             raise VlsaeError(f"steps must be >= 0, got {steps}")
         atoms, coefs, _ = self.pursue(x, steps, tau)
         code = merge_repeats(atoms, coefs, self.n_latents)
-        width = max(int((code.values != 0).sum(dim=1).max()), 1)  # distinct atoms come first
+        # distinct atoms come first (sorted by index; zero-coefficient ones included): trim after the last non-zero
+        positions = torch.arange(1, code.values.shape[1] + 1, device=x.device)
+        width = max(int(((code.values != 0) * positions).max()), 1)
         return SparseCode(code.values[:, :width], code.indices[:, :width], self.n_latents)
 
     def training_forward(self, x: torch.Tensor, ctx: TrainContext) -> TrainOutput:
