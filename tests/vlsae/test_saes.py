@@ -407,6 +407,9 @@ def test_training_reduces_error_on_planted_data(arch):
     start = fvu(sae.eval(), test)
     end = fvu(train(sae, x), test)
     assert end < 0.5 * start and end < 0.3, (start, end)
+    if arch in ("batchtopk", "matryoshka"):  # the learned global threshold reproduces L0 ~ k at inference
+        with torch.no_grad():
+            assert 0.5 * K < float(sae.encode(test).l0().float().mean()) < 2 * K
 
 
 @pytest.mark.parametrize("arch,penalty,low,high", [("jumprelu", "l0_coef", 0.0, 0.02), ("relu", "l1_coef", 0.1, 2.0)])

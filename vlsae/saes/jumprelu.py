@@ -20,6 +20,9 @@ activation scale as 0.001 there. The MSE term is the normalised FVU, so
 ``l0_coef`` is "FVU per active latent per input": 1e-3 keeps a latent that
 removes at least 0.1% of an input's variance. lambda ramps up linearly over
 the first ``l0_warmup`` fraction of training. Decoder rows are unit norm.
+Adam moves log(theta) by at most about the learning rate per step, so with a
+small learning rate the thresholds need thousands of steps to climb from
+theta_0 to the O(1) activation scale; raise ``init_threshold`` for short runs.
 
 Sparse hot path: the dense pre-activation matmul runs without autograd; the
 code holds every latent with pi > theta - eps/2 (the active ones plus those
