@@ -242,15 +242,26 @@ def sign_accuracy(H_axes: torch.Tensor, Z: torch.Tensor, V_axes: torch.Tensor, D
     }
 
 
-def sign_usage(Z: torch.Tensor, latents: torch.Tensor) -> dict[str, float]:
-    """For the given latents: the fraction that take both signs on ``Z`` (bidirectional)
-    and the fraction that are never negative."""
+def sign_usage(Z: torch.Tensor, latents: torch.Tensor, min_share: float = 0.1) -> dict[str, float]:
+    """Over the given latents' firings on ``Z``:
+
+    both_signs: fraction of latents that fire with each sign on at least ``min_share``
+    of their firings (a truly bidirectional latent; a stray small negative value
+    from interference does not count).
+    positive_share: mean over latents of the share of their firings that are positive
+    (1 for a unipolar latent read the right way round). Silent latents are left out.
+    """
     if latents.numel() == 0:
-        return {"both_signs": float("nan"), "never_negative": float("nan")}
+        return {"both_signs": float("nan"), "positive_share": float("nan")}
     z = Z[:, latents]
-    pos = (z > 0).any(dim=0)
-    neg = (z < 0).any(dim=0)
-    return {"both_signs": float((pos & neg).float().mean()), "never_negative": float((~neg).float().mean())}
+    fired = (z != 0).sum(dim=0).float()
+    live = fired > 0
+    if not bool(live.any()):
+        return {"both_signs": float("nan"), "positive_share": float("nan")}
+    pos = (z > 0).sum(dim=0).float()[live] / fired[live]
+    neg = (z < 0).sum(dim=0).float()[live] / fired[live]
+    both = (pos >= min_share) & (neg >= min_share)
+    return {"both_signs": float(both.float().mean()), "positive_share": float(pos.mean())}
 
 
 # ----------------------------------------------------- multimodal metrics

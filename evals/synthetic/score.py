@@ -121,7 +121,7 @@ def score_planted(data: PlantedData, Z: torch.Tensor | dict[str, torch.Tensor],
         axis_latents = match[axis][match[axis] >= 0]
         uni_latents = match[~axis][match[~axis] >= 0]
         out["bidirectional_fraction"] = M.sign_usage(Z, axis_latents)["both_signs"]
-        out["unipolar_purity"] = M.sign_usage(Z, uni_latents)["never_negative"]
+        out["unipolar_purity"] = M.sign_usage(Z, uni_latents)["positive_share"]
         out["frr_0.9_unipolar"] = M.recovery_rate(V[~axis], D, 0.9, absolute=True)
     return out
 

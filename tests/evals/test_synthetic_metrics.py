@@ -175,9 +175,15 @@ def test_sign_accuracy():
 
 
 def test_sign_usage():
-    Z = torch.tensor([[1.0, -1.0, 0.5], [-2.0, 0.0, 0.5]])
-    u = M.sign_usage(Z, torch.tensor([0, 1, 2]))
-    assert u["both_signs"] == pytest.approx(1 / 3) and u["never_negative"] == pytest.approx(1 / 3)
+    # latent 0: 5 positive, 5 negative firings; latent 1: 19 positive, 1 negative (stray);
+    # latent 2: always positive; latent 3: silent (left out)
+    Z = torch.zeros(20, 4)
+    Z[:5, 0], Z[5:10, 0] = 1.0, -1.0
+    Z[:19, 1], Z[19, 1] = 1.0, -0.01
+    Z[:3, 2] = 2.0
+    u = M.sign_usage(Z, torch.tensor([0, 1, 2, 3]))
+    assert u["both_signs"] == pytest.approx(1 / 3)
+    assert u["positive_share"] == pytest.approx((0.5 + 0.95 + 1.0) / 3)
 
 
 # ---------------------------------------------------------------- multimodal
