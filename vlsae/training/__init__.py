@@ -1,0 +1,12 @@
+"""Training: the trainer, its config, activation sources and the trainer's own metrics.
+
+    from vlsae.training import TrainConfig, TensorSource, train
+    result = train(sae, TensorSource(x), TrainConfig(steps=2000), out_dir="runs/a")
+"""
+from vlsae.training.config import TrainConfig
+from vlsae.training.data import ActivationSource, TensorSource, open_tensor_file
+from vlsae.training.metrics import evaluate, fvu, geometric_median, shrinkage
+from vlsae.training.trainer import TrainResult, train
+
+__all__ = ["TrainConfig", "ActivationSource", "TensorSource", "open_tensor_file", "evaluate", "fvu",
+           "geometric_median", "shrinkage", "TrainResult", "train"]

@@ -1,0 +1,66 @@
+"""The training config: how to train, kept apart from what the SAE is (its SAEConfig)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vlsae.config import option
+from vlsae.errors import VlsaeError
+
+
+@dataclass
+class TrainConfig:
+    steps: int = option(2000, help="optimizer steps (one batch each)")
+    batch_size: int = option(1024, help="rows per batch (pairs per batch for paired data)")
+    lr: float | None = option(None, help="peak learning rate; null means 2e-4 / sqrt(n_latents / 2^14) (Gao et al. scaling)")
+    betas: tuple[float, float] = option((0.9, 0.999), help="Adam betas")
+    adam_eps: float = option(6.25e-10, help="Adam epsilon (Gao et al.)")
+    warmup_steps: int | None = option(None, help="linear warm-up steps; null means min(1000, steps // 20)")
+    decay_fraction: float = option(0.2, help="fraction of training at the end over which the lr decays linearly to 0")
+    grad_clip: float = option(1.0, help="clip the global gradient norm to this value (0 turns it off)")
+    seed: int = option(0, help="seed for initialisation, batch order and every random choice")
+    b_dec_init: str = option("geometric_median", help="decoder-bias initialisation: geometric_median, mean or zeros")
+    init_rows: int = option(8192, help="rows sampled to initialise b_dec and estimate the input scale")
+    normalize_input: bool = option(True, help="train on c*x with E||c*x|| = sqrt(d_in); c is folded into the saved weights")
+    dead_tokens: int | None = option(None, help="a latent is dead after this many rows without firing; null means min(10M, total rows / 5)")
+    checkpoint_every: int = option(500, help="write a resumable checkpoint every N steps (0: only at the end)")
+    log_every: int = option(50, help="log metrics every N steps")
+    eval_rows: int = option(8192, help="rows sampled for the end-of-run metrics")
+    device: str = option("auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    autocast_bf16: bool = option(True, help="bf16 autocast on CUDA (ignored on the CPU)")
+    tensorboard: bool = option(True, help="write TensorBoard logs next to metrics.jsonl")
+    progress: bool = option(True, help="show a progress bar with live FVU / L0 / dead fraction")
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0:
+            raise VlsaeError(f"train.steps must be positive, got {self.steps}")
+        if self.batch_size <= 0:
+            raise VlsaeError(f"train.batch_size must be positive, got {self.batch_size}")
+        if self.lr is not None and self.lr <= 0:
+            raise VlsaeError(f"train.lr must be positive, got {self.lr}")
+        if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
+            raise VlsaeError(f"train.b_dec_init must be geometric_median, mean or zeros, got '{self.b_dec_init}'")
+        if not 0 <= self.decay_fraction <= 1:
+            raise VlsaeError(f"train.decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+
+    def resolved_lr(self, n_latents: int) -> float:
+        return self.lr if self.lr is not None else 2e-4 / (n_latents / 2 ** 14) ** 0.5
+
+    def resolved_warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else min(1000, self.steps // 20)
+
+    def resolved_dead_tokens(self) -> int:
+        if self.dead_tokens is not None:
+            return self.dead_tokens
+        return max(self.batch_size, min(10_000_000, self.steps * self.batch_size // 5))
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the peak lr at ``step``: linear warm-up, constant, linear decay to 0."""
+        warmup = self.resolved_warmup()
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        decay_steps = int(self.steps * self.decay_fraction)
+        decay_start = self.steps - decay_steps
+        if decay_steps and step >= decay_start:
+            return max(0.0, (self.steps - step) / decay_steps)
+        return 1.0

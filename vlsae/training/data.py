@@ -1,0 +1,120 @@
+"""Activation sources: what the trainer consumes, and the in-memory one.
+
+The trainer never asks where activations come from. Anything with this shape
+plugs in: an in-memory tensor (:class:`TensorSource`), a tensor file, the
+synthetic suites, and the streaming activation cache of ``multimodal``.
+Batches are a pure function of (seed, position), so resuming at batch ``start``
+reproduces the uninterrupted stream exactly, without replaying it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Protocol, Union, runtime_checkable
+
+import numpy as np
+import torch
+
+from vlsae.checkpoint import read_safetensors
+from vlsae.errors import VlsaeError
+
+Batch = Union[torch.Tensor, dict[str, torch.Tensor]]
+
+
+@runtime_checkable
+class ActivationSource(Protocol):
+    """d_in: width, or modality -> width for paired sources (rows aligned by pair)."""
+
+    d_in: int | dict[str, int]
+
+    def __len__(self) -> int: ...
+
+    def batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[Batch]:
+        """Infinite deterministic stream; each epoch reshuffled with seed + epoch;
+        ``start`` batches already consumed."""
+        ...
+
+    def sample(self, n: int, seed: int = 0) -> Batch:
+        """Up to ``n`` rows, for initialisation and scale estimation."""
+        ...
+
+
+class TensorSource:
+    """An in-memory tensor (rows, d), or a dict of modality -> (rows, d_m) with aligned rows."""
+
+    def __init__(self, data: Batch):
+        if isinstance(data, dict):
+            if not data:
+                raise VlsaeError("paired data has no modalities")
+            rows = {m: t.shape[0] for m, t in data.items()}
+            if len(set(rows.values())) != 1:
+                raise VlsaeError(f"paired modalities must have the same number of rows (pairs), got {rows}")
+            for m, t in data.items():
+                _check_matrix(t, f"modality '{m}'")
+            self.data: Batch = {m: t.float() if not t.is_floating_point() else t for m, t in data.items()}
+            self.d_in: int | dict[str, int] = {m: int(t.shape[1]) for m, t in data.items()}
+            self._rows = next(iter(rows.values()))
+        else:
+            _check_matrix(data, "activations")
+            self.data = data if data.is_floating_point() else data.float()
+            self.d_in = int(data.shape[1])
+            self._rows = int(data.shape[0])
+        if self._rows == 0:
+            raise VlsaeError("the dataset is empty: it has 0 rows")
+
+    def __len__(self) -> int:
+        return self._rows
+
+    def _take(self, idx: torch.Tensor) -> Batch:
+        if isinstance(self.data, dict):
+            return {m: t[idx] for m, t in self.data.items()}
+        return self.data[idx]
+
+    def _permutation(self, seed: int) -> torch.Tensor:
+        return torch.randperm(self._rows, generator=torch.Generator().manual_seed(seed))
+
+    def batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[Batch]:
+        per_epoch = max(1, self._rows // batch_size)
+        epoch, offset = divmod(start, per_epoch)
+        while True:
+            perm = self._permutation(seed * 1_000_003 + epoch)
+            for i in range(offset, per_epoch):
+                yield self._take(perm[i * batch_size:(i + 1) * batch_size])
+            epoch, offset = epoch + 1, 0
+
+    def sample(self, n: int, seed: int = 0) -> Batch:
+        return self._take(self._permutation(seed + 7_919)[:n])
+
+
+def _check_matrix(t: torch.Tensor, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise VlsaeError(f"{what} must be a tensor, got {type(t).__name__}")
+    if t.ndim != 2:
+        raise VlsaeError(f"{what} must be a 2-D (rows, width) tensor, got shape {tuple(t.shape)}")
+
+
+def open_tensor_file(path: str | Path) -> TensorSource:
+    """A TensorSource from ``.safetensors`` (one tensor, or tensors named by modality) or ``.npy``."""
+    path = Path(path)
+    if not path.exists():
+        raise VlsaeError(f"data file not found: {path}")
+    if path.is_dir():
+        raise VlsaeError(f"{path} is a folder; for an activation cache use --acts {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise VlsaeError(f"{path} cannot be read without unpickling ({str(exc).splitlines()[0]}); save a plain numeric array") from None
+        except (OSError, EOFError) as exc:
+            raise VlsaeError(f"{path} is not a readable .npy file ({str(exc).splitlines()[0]})") from None
+        if array.dtype.kind not in "fiu":
+            raise VlsaeError(f"{path} holds {array.dtype} values; activations must be numeric")
+        return TensorSource(torch.from_numpy(np.ascontiguousarray(array)).float())
+    if suffix != ".safetensors":
+        raise VlsaeError(f"unsupported data file {path.name}: use .safetensors or .npy (pickle/.pt files are never loaded)")
+    tensors = read_safetensors(path, what="data")
+    if not tensors:
+        raise VlsaeError(f"{path} holds no tensors")
+    if len(tensors) == 1:
+        return TensorSource(next(iter(tensors.values())))
+    return TensorSource({name: t for name, t in sorted(tensors.items())})
