@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import yaml
 
 from vlsae.checkpoint import CONFIG, atomic_write_text, read_config
@@ -148,6 +149,7 @@ def run_training(run: RunConfig, resume: bool = False,
     else:
         d_in = widths
         sae_values = dict(run.sae)
+    torch.manual_seed(run.train.seed)  # the SAE's initial weights are part of the run's seed
     sae = create_sae(run.arch, {**sae_values, "d_in": d_in})
     out = Path(run.out) if run.out else None
     if out is not None and not resume:
