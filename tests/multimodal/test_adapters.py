@@ -180,3 +180,13 @@ def test_timm_cnn_feature_maps_are_token_grids():
     torch.testing.assert_close(mean["image"][1], grid["image"][grid.pair_index["image"] == 1].mean(0))
     with pytest.raises(VlsaeError, match="no class token"):
         cnn.extract(pairs, "layer2", "cls")
+
+
+def test_vectorised_image_batch_equals_the_transform(clip):
+    from multimodal.adapters.base import stack_images
+
+    same_size = synthetic_pairs(4, size=32)
+    batch = stack_images([p["image"] for p in same_size], clip.preprocess)
+    assert torch.equal(batch, torch.stack([clip.preprocess(p["image"]) for p in same_size]))
+    other = [p["image"] for p in synthetic_pairs(2, size=40)]  # needs a real resize: per-image path
+    torch.testing.assert_close(stack_images(other, clip.preprocess), torch.stack([clip.preprocess(i) for i in other]))
