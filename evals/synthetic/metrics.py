@@ -121,11 +121,14 @@ def child_features(parent: torch.Tensor) -> torch.Tensor:
 
 
 def absorption_cos(V: torch.Tensor, D: torch.Tensor, parent: torch.Tensor, match: torch.Tensor | None = None,
-                   *, relative: bool = True) -> float:
+                   *, relative: bool = True, absolute: bool = False) -> float:
     """MP-SAE's absorption score: mean over child features c of cos(matched latent of c,
     true direction of parent(c)); lower is better. With ``relative`` the true
     cos(v_c, v_parent) is subtracted, so a perfect dictionary scores 0 also when children
-    lean on their parents (preset B); in preset A (orthogonal) both readings agree."""
+    lean on their parents (preset B); in preset A (orthogonal) both readings agree.
+    A negative score means child atoms point away from their parent (the parent
+    latent carries part of the child); ``absolute`` averages |excess cosine| so
+    both distortions count."""
     if match is None:
         match = match_features(V, D)
     kids = child_features(parent)
@@ -135,6 +138,8 @@ def absorption_cos(V: torch.Tensor, D: torch.Tensor, parent: torch.Tensor, match
     c_learned = cosine_matrix(V[parent[kids]], D[match[kids]]).diagonal()
     if relative:
         c_learned = c_learned - cosine_matrix(V[parent[kids]], V[kids]).diagonal()
+    if absolute:
+        c_learned = c_learned.abs()
     return float(c_learned.mean())
 
 

@@ -109,6 +109,7 @@ def score_planted(data: PlantedData, Z: torch.Tensor | dict[str, torch.Tensor],
     elif suite == "hierarchical":
         parent, level = meta["parent"], meta["level"]
         out["absorption_cos"] = M.absorption_cos(V, D, parent, match)
+        out["absorption_cos_abs"] = M.absorption_cos(V, D, parent, match, absolute=True)
         rates = M.absorption_rate(H, Z, parent, match)
         out["absorption_rate"] = rates["child_silent"]
         out["parent_silent_rate"] = rates["parent_silent"]

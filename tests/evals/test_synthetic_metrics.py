@@ -106,6 +106,12 @@ def test_absorption_cos():
     # relative reading: the true children already lean on their parents -> 0
     assert math.isclose(M.absorption_cos(absorbed, absorbed, PARENT, match), 0.0, abs_tol=1e-6)
     assert math.isclose(M.absorption_cos(VH, absorbed, PARENT, match, relative=False), 2 ** -0.5, abs_tol=1e-6)
+    # child atoms leaning away from the parent: negative signed score, same absolute score
+    away = VH.clone()
+    for c in (2, 3, 4):
+        away[c] = unit(VH[c] - VH[PARENT[c]])
+    assert math.isclose(M.absorption_cos(VH, away, PARENT, match), -(2 ** -0.5), abs_tol=1e-6)
+    assert math.isclose(M.absorption_cos(VH, away, PARENT, match, absolute=True), 2 ** -0.5, abs_tol=1e-6)
 
 
 def test_absorption_rate_counts_occurrences():

@@ -1,0 +1,68 @@
+"""``vlsae synth``: the planted-feature leaderboard.
+
+Trains each architecture on one synthetic suite with known ground truth (equal
+width, equal L0 target), scores recovery, absorption, splitting and
+cross-modal agreement, prints the table and optionally writes the rows as JSON.
+All the work is :func:`evals.synthetic.leaderboard.run_suite`.
+"""
+from __future__ import annotations
+
+import argparse
+
+import yaml
+
+from evals.synthetic.generators import list_suites
+from vlsae.errors import VlsaeError
+
+HELP = "train SAEs on a planted-feature suite and print the recovery leaderboard"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--suite", required=True, choices=list_suites(), help="which planted-feature suite")
+    parser.add_argument("--preset", default=None,
+                        help="suite preset: independent light|heavy|gba, hierarchical A|B, bidirectional default, "
+                             "multimodal shared|separate (default: the first)")
+    parser.add_argument("--archs", default=None,
+                        help="comma-separated architectures (default: every registered one that fits the suite)")
+    parser.add_argument("--latents", type=int, default=None, help="dictionary width for every arch (default: number of planted features)")
+    parser.add_argument("--k", type=int, default=None, help="L0 target: k of TopK-family archs, calibration target of penalty archs")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per SAE")
+    parser.add_argument("--batch-size", type=int, default=None, help="training batch size")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the trainer's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and of every SAE")
+    parser.add_argument("--noise", type=float, default=0.0, help="noise sigma added to the activations")
+    parser.add_argument("--n-train", type=int, default=None, help="training rows to draw")
+    parser.add_argument("--n-test", type=int, default=None, help="test rows to draw")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="suite option, e.g. correlation=0.3, spectrum=zipf, p_plus=0.8, rho=0.6 (repeatable)")
+    parser.add_argument("--device", default="auto", help="training device: auto, cpu or cuda")
+    parser.add_argument("--out", default=None, help="write the leaderboard rows to this JSON file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+
+def _options(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise VlsaeError(f"--option '{item}' must look like key=value, e.g. correlation=0.3")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from evals.synthetic.leaderboard import run_suite
+
+    archs = [a.strip() for a in args.archs.split(",") if a.strip()] if args.archs else None
+    if args.archs is not None and not archs:
+        raise VlsaeError("--archs is empty; give names like topk,relu or leave it out")
+    run_suite(args.suite, archs, n_latents=args.latents, k=args.k, steps=args.steps, seed=args.seed,
+              preset=args.preset, n_train=args.n_train, n_test=args.n_test, noise=args.noise,
+              batch_size=args.batch_size, lr=args.lr, device=args.device, options=_options(args.option),
+              out=args.out, overwrite=args.overwrite)
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
