@@ -24,6 +24,7 @@ VERBS: dict[str, str] = {
     "world": "world",
     "zoo": "zoo",
     "extract": "extract",
+    "concepts": "concepts",
 }
 
 
