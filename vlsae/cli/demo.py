@@ -1,0 +1,22 @@
+"""``vlsae demo``: the whole pipeline on the embedded default (ShapesWorld + shapes-clip)."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "run the whole pipeline offline: leaderboard, ShapesWorld, shapes-clip, extraction, TopK + VL-SAE, concept report"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/demo", help="demo folder (reused and continued if it exists)")
+    parser.add_argument("--pairs", type=int, default=4000, help="ShapesWorld pairs to generate")
+    parser.add_argument("--steps", type=int, default=1500, help="training steps per SAE")
+    parser.add_argument("--no-synth", action="store_true", help="skip the planted-feature leaderboard")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+
+
+def run(args: argparse.Namespace) -> int:
+    from evals.demo import run_demo
+
+    run_demo(args.out, pairs=args.pairs, steps=args.steps, synth=not args.no_synth, progress=not args.quiet)
+    print(f"demo finished: {args.out}/demo.json, report in {args.out}/concepts/index.html")
+    return 0
