@@ -207,14 +207,18 @@ def run_suite(suite: str, archs: list[str] | None = None, *, n_latents: int | No
               n_test: int | None = None, noise: float = 0.0, batch_size: int | None = None, lr: float | None = None,
               device: str = "auto", options: dict[str, Any] | None = None,
               arch_options: dict[str, dict[str, Any]] | None = None, calibration_tries: int = 5,
-              out: str | Path | None = None, overwrite: bool = False, show: bool = True) -> list[dict[str, Any]]:
+              seeds: int = 1, out: str | Path | None = None, overwrite: bool = False,
+              show: bool = True) -> list[dict[str, Any]]:
     """Train and score each architecture on one suite; return one row per arch.
 
     suite/preset/noise/options: the data (:func:`evals.synthetic.generate`);
     archs: registry names (default: every registered arch that fits the suite);
     n_latents: width for every arch (default: :func:`default_width`); k: the L0
     target (TopK-family ``k``; penalty archs are calibrated to it);
-    arch_options: extra config values per arch; out: JSON path written atomically
+    arch_options: extra config values per arch; seeds: repeat the whole run for
+    seeds seed..seed+seeds-1 (data and SAEs) and report means, with standard
+    deviations under ``std`` and each seed's row under ``per_seed``;
+    out: JSON path written atomically
     (an existing file is an error unless ``overwrite``); show: print the table.
     """
     presets = list_presets(suite)
@@ -243,17 +247,24 @@ def run_suite(suite: str, archs: list[str] | None = None, *, n_latents: int | No
         if arch_is_multimodal(arch) and preset == "separate":
             raise VlsaeError(f"'{arch}' has one input width; the separate setting has two (use --preset shared)")
 
-    settings = dict(suite=suite, preset=preset, seed=seed, n_latents=width, k=k, steps=steps, batch_size=batch_size,
-                    lr=lr, n_train=n_train, n_test=n_test, noise=noise, options=options or {})
-    rows = []
-    for arch in archs:
-        start = time.perf_counter()
-        row = _run_arch(arch, data, width, k, steps, batch_size, seed, lr, device, (arch_options or {}).get(arch, {}),
-                        calibration_tries)
-        row["seconds"] = round(time.perf_counter() - start, 2)
-        rows.append(row)
-        if show:
-            _print_progress(row)
+    if seeds < 1:
+        raise VlsaeError(f"seeds must be >= 1, got {seeds}")
+    settings = dict(suite=suite, preset=preset, seed=seed, seeds=seeds, n_latents=width, k=k, steps=steps,
+                    batch_size=batch_size, lr=lr, n_train=n_train, n_test=n_test, noise=noise, options=options or {})
+    per_arch: dict[str, list[dict[str, Any]]] = {arch: [] for arch in archs}
+    for s in range(seed, seed + seeds):
+        if s != seed:  # a fresh dictionary and fresh samples per seed
+            data = generate(suite, seed=s, n_train=n_train, n_test=n_test, preset=preset, noise=noise, **(options or {}))
+        for arch in archs:
+            start = time.perf_counter()
+            row = _run_arch(arch, data, width, k, steps, batch_size, s, lr, device,
+                            (arch_options or {}).get(arch, {}), calibration_tries)
+            row["seconds"] = round(time.perf_counter() - start, 2)
+            row["seed"] = s
+            per_arch[arch].append(row)
+            if show:
+                _print_progress(row)
+    rows = [runs[0] if seeds == 1 else aggregate_seeds(runs) for runs in per_arch.values()]
     key, higher = MAIN_METRIC[suite]
     rows.sort(key=lambda r: _sort_value(r.get(key), higher))
     for rank, row in enumerate(rows, 1):
@@ -263,6 +274,46 @@ def run_suite(suite: str, archs: list[str] | None = None, *, n_latents: int | No
     if out is not None:
         write_results(out, settings, rows)
     return rows
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _nanmean(values: list[float]) -> float:
+    vals = [v for v in values if not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def _nanstd(values: list[float]) -> float:
+    vals = [v for v in values if not math.isnan(v)]
+    if len(vals) < 2:
+        return float("nan")
+    mean = sum(vals) / len(vals)
+    return math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def aggregate_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from several seeds' rows of one arch: the mean of every numeric metric
+    (NaNs left out), its sample standard deviation under ``std``, the seeds' own rows
+    under ``per_seed``. Non-numeric fields come from the first seed."""
+    first = runs[0]
+    row: dict[str, Any] = {}
+    std: dict[str, Any] = {}
+    for key, value in first.items():
+        if key in ("train", "penalty", "config", "seed"):
+            continue
+        if _is_number(value):
+            vals = [float(r[key]) for r in runs if _is_number(r.get(key))]
+            row[key], std[key] = _nanmean(vals), _nanstd(vals)
+        elif isinstance(value, dict) and all(_is_number(v) for v in value.values()):
+            row[key] = {sub: _nanmean([float(r[key][sub]) for r in runs if sub in r.get(key, {})]) for sub in value}
+        else:
+            row[key] = value
+    row["seeds"] = [r["seed"] for r in runs]
+    row["std"] = std
+    row["per_seed"] = runs
+    return row
 
 
 def _sort_value(value: Any, higher: bool) -> float:
@@ -356,6 +407,11 @@ def _print_progress(row: dict[str, Any]) -> None:
                                f"{row['seconds']:.1f} s[/dim]")
 
 
+def _seed_text(settings: dict[str, Any]) -> str:
+    n, s = settings.get("seeds", 1) or 1, settings.get("seed")
+    return f"seed={s}" if n == 1 else f"mean±sd over seeds {s}..{s + n - 1}"
+
+
 def print_leaderboard(rows: list[dict[str, Any]], suite: str, settings: dict[str, Any] | None = None) -> None:
     """A rich table of the rows, in their order, with the suite's columns."""
     from rich.console import Console
@@ -364,7 +420,7 @@ def print_leaderboard(rows: list[dict[str, Any]], suite: str, settings: dict[str
     settings = settings or {}
     key, higher = MAIN_METRIC[suite]
     title = (f"{suite} ({settings.get('preset', '')}): n_latents={settings.get('n_latents')}, "
-             f"L0 target={settings.get('k')}, steps={settings.get('steps')}, seed={settings.get('seed')}; "
+             f"L0 target={settings.get('k')}, steps={settings.get('steps')}, " + _seed_text(settings) + "; "
              f"sorted by {key} ({'higher' if higher else 'lower'} is better)")
     table = Table(title=title, title_justify="left")
     table.add_column("#", justify="right")
@@ -374,8 +430,10 @@ def print_leaderboard(rows: list[dict[str, Any]], suite: str, settings: dict[str
         table.add_column(label, justify="right")
     table.add_column("s", justify="right")
     for row in rows:
-        table.add_row(str(row.get("rank", "")), row["arch"], *[_fmt(row.get(k)) for k, _ in columns],
-                      _fmt(row.get("seconds")))
+        std = row.get("std", {})
+        cells = [_fmt(row.get(k)) + (f"±{std[k]:.2f}" if _is_number(std.get(k)) and not math.isnan(std[k]) else "")
+                 for k, _ in columns]
+        table.add_row(str(row.get("rank", "")), row["arch"], *cells, _fmt(row.get("seconds")))
     console = Console()
     if not console.is_terminal:  # a file or a pipe: do not squeeze the columns into 80 characters
         console = Console(width=220)

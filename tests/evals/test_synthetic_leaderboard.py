@@ -108,3 +108,14 @@ def test_cli_synth_errors(tmp_path, capsys):
     assert "unknown SAE architecture" in capsys.readouterr().err
     assert main(["synth", "--suite", "hierarchical", "--archs", "topk", "--option", "colour=3", "--steps", "5"]) == 2
     assert "no option 'colour'" in capsys.readouterr().err
+
+
+def test_run_suite_seeds_aggregate():
+    rows = run_suite("hierarchical", ["topk"], k=2, seeds=2, **TINY)
+    row = rows[0]
+    assert row["seeds"] == [0, 1] and len(row["per_seed"]) == 2
+    per = [r["mcc"] for r in row["per_seed"]]
+    assert row["mcc"] == pytest.approx(sum(per) / 2)
+    assert row["std"]["mcc"] == pytest.approx(abs(per[0] - per[1]) / math.sqrt(2))
+    # each seed drew its own dictionary
+    assert row["per_seed"][0]["mmcs"] != row["per_seed"][1]["mmcs"]

@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="training batch size")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the trainer's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and of every SAE")
+    parser.add_argument("--seeds", type=int, default=1, help="repeat for seeds seed..seed+N-1 and report mean and sd")
     parser.add_argument("--noise", type=float, default=0.0, help="noise sigma added to the activations")
     parser.add_argument("--n-train", type=int, default=None, help="training rows to draw")
     parser.add_argument("--n-test", type=int, default=None, help="test rows to draw")
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if args.archs is not None and not archs:
         raise VlsaeError("--archs is empty; give names like topk,relu or leave it out")
     run_suite(args.suite, archs, n_latents=args.latents, k=args.k, steps=args.steps, seed=args.seed,
-              preset=args.preset, n_train=args.n_train, n_test=args.n_test, noise=args.noise,
+              seeds=args.seeds, preset=args.preset, n_train=args.n_train, n_test=args.n_test, noise=args.noise,
               batch_size=args.batch_size, lr=args.lr, device=args.device, options=_options(args.option),
               out=args.out, overwrite=args.overwrite)
     if args.out:
