@@ -34,6 +34,7 @@ import torch
 from evals.synthetic.generators import PlantedData, generate, list_presets
 from evals.synthetic.score import encode_decode, score_pair, score_sae
 from vlsae.checkpoint import atomic_write_text
+from vlsae.config import from_dict
 from vlsae.errors import VlsaeError
 from vlsae.saes import create_sae, get_sae_class, list_archs
 from vlsae.training import TensorSource, TrainConfig, train
@@ -129,14 +130,16 @@ def default_archs(suite: str, preset: str) -> list[str]:
 
 # --------------------------------------------------------------- training
 def _train_one(arch: str, d_in: int, n_latents: int, source: Any, sae_kw: dict[str, Any],
-               steps: int, batch_size: int, seed: int, lr: float | None, device: str) -> tuple[Any, dict[str, Any]]:
+               steps: int, batch_size: int, seed: int, lr: float | None, device: str,
+               train_options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     torch.manual_seed(seed)
     sae = create_sae(arch, d_in=d_in, n_latents=n_latents, **sae_kw)
-    tc: dict[str, Any] = dict(steps=steps, batch_size=batch_size, seed=seed, device=device, progress=False,
-                              tensorboard=False, eval_rows=2048)
+    tc: dict[str, Any] = dict(progress=False, tensorboard=False, eval_rows=2048)
+    tc.update(train_options)
+    tc.update(steps=steps, batch_size=batch_size, seed=seed, device=device)
     if lr is not None:
         tc["lr"] = lr
-    result = train(sae, source, TrainConfig(**tc))
+    result = train(sae, source, from_dict(TrainConfig, tc, where="train options"))
     result.sae.to("cpu")
     return result.sae, dict(result.summary)
 
@@ -206,7 +209,8 @@ def run_suite(suite: str, archs: list[str] | None = None, *, n_latents: int | No
               steps: int | None = None, seed: int = 0, preset: str | None = None, n_train: int | None = None,
               n_test: int | None = None, noise: float = 0.0, batch_size: int | None = None, lr: float | None = None,
               device: str = "auto", options: dict[str, Any] | None = None,
-              arch_options: dict[str, dict[str, Any]] | None = None, calibration_tries: int = 5,
+              arch_options: dict[str, dict[str, Any]] | None = None, train_options: dict[str, Any] | None = None,
+              calibration_tries: int = 5,
               seeds: int = 1, out: str | Path | None = None, overwrite: bool = False,
               show: bool = True) -> list[dict[str, Any]]:
     """Train and score each architecture on one suite; return one row per arch.
@@ -215,7 +219,8 @@ def run_suite(suite: str, archs: list[str] | None = None, *, n_latents: int | No
     archs: registry names (default: every registered arch that fits the suite);
     n_latents: width for every arch (default: :func:`default_width`); k: the L0
     target (TopK-family ``k``; penalty archs are calibrated to it);
-    arch_options: extra config values per arch; seeds: repeat the whole run for
+    arch_options: extra config values per arch; train_options: extra
+    :class:`vlsae.training.TrainConfig` fields (betas, b_dec_init, ...); seeds: repeat the whole run for
     seeds seed..seed+seeds-1 (data and SAEs) and report means, with standard
     deviations under ``std`` and each seed's row under ``per_seed``;
     out: JSON path written atomically
@@ -249,8 +254,13 @@ def run_suite(suite: str, archs: list[str] | None = None, *, n_latents: int | No
 
     if seeds < 1:
         raise VlsaeError(f"seeds must be >= 1, got {seeds}")
+    stray = sorted(set(arch_options or {}) - set(archs))
+    if stray:
+        raise VlsaeError(f"SAE options given for '{stray[0]}', which is not among the archs run ({', '.join(archs)})")
+    from_dict(TrainConfig, {**(train_options or {}), "steps": steps}, where="train options")  # fail before training
     settings = dict(suite=suite, preset=preset, seed=seed, seeds=seeds, n_latents=width, k=k, steps=steps,
-                    batch_size=batch_size, lr=lr, n_train=n_train, n_test=n_test, noise=noise, options=options or {})
+                    batch_size=batch_size, lr=lr, n_train=n_train, n_test=n_test, noise=noise, options=options or {},
+                    arch_options=arch_options or {}, train_options=train_options or {})
     per_arch: dict[str, list[dict[str, Any]]] = {arch: [] for arch in archs}
     for s in range(seed, seed + seeds):
         if s != seed:  # a fresh dictionary and fresh samples per seed
@@ -258,7 +268,7 @@ def run_suite(suite: str, archs: list[str] | None = None, *, n_latents: int | No
         for arch in archs:
             start = time.perf_counter()
             row = _run_arch(arch, data, width, k, steps, batch_size, s, lr, device,
-                            (arch_options or {}).get(arch, {}), calibration_tries)
+                            (arch_options or {}).get(arch, {}), calibration_tries, train_options or {})
             row["seconds"] = round(time.perf_counter() - start, 2)
             row["seed"] = s
             per_arch[arch].append(row)
@@ -323,7 +333,8 @@ def _sort_value(value: Any, higher: bool) -> float:
 
 
 def _run_arch(arch: str, data: PlantedData, width: int, k: int, steps: int, batch_size: int, seed: int,
-              lr: float | None, device: str, extra: dict[str, Any], tries: int) -> dict[str, Any]:
+              lr: float | None, device: str, extra: dict[str, Any], tries: int,
+              train_options: dict[str, Any]) -> dict[str, Any]:
     multimodal_sae = arch_is_multimodal(arch)
     row: dict[str, Any] = {"arch": arch, "n_latents": width, "l0_target": k}
     fields = _config_field_defaults(arch)
@@ -342,10 +353,10 @@ def _run_arch(arch: str, data: PlantedData, width: int, k: int, steps: int, batc
             saes, summaries = {}, {}
             for m in data.modalities:
                 saes[m], summaries[m] = _train_one(arch, data.train[m].shape[1], width, TensorSource(data.train[m]),
-                                                   kw_run, steps, batch_size, seed, lr, device)
+                                                   kw_run, steps, batch_size, seed, lr, device, train_options)
             return saes, summaries
         d_in, source = _source(data, multimodal_sae)
-        return _train_one(arch, d_in, width, source, kw_run, steps, batch_size, seed, lr, device)
+        return _train_one(arch, d_in, width, source, kw_run, steps, batch_size, seed, lr, device, train_options)
 
     def l0_of(models: Any) -> float:
         if separate:

@@ -108,6 +108,18 @@ def test_cli_synth_errors(tmp_path, capsys):
     assert "unknown SAE architecture" in capsys.readouterr().err
     assert main(["synth", "--suite", "hierarchical", "--archs", "topk", "--option", "colour=3", "--steps", "5"]) == 2
     assert "no option 'colour'" in capsys.readouterr().err
+    assert main(["synth", "--suite", "hierarchical", "--archs", "topk", "--sae-option", "relu.l1_coef=1", "--steps", "5"]) == 2
+    assert "not among the archs" in capsys.readouterr().err
+    assert main(["synth", "--suite", "hierarchical", "--archs", "topk", "--sae-option", "topk.kk=1", "--steps", "5"]) == 2
+    assert "unknown key 'kk'" in capsys.readouterr().err
+    assert main(["synth", "--suite", "hierarchical", "--archs", "topk", "--train-option", "betaz=1", "--steps", "5"]) == 2
+    assert "unknown key 'betaz'" in capsys.readouterr().err
+
+
+def test_options_reach_the_sae_and_trainer():
+    row = run_suite("hierarchical", ["relu"], arch_options={"relu": {"l1_coef": 0.5}},
+                    train_options={"b_dec_init": "zeros"}, **TINY)[0]
+    assert row["config"]["l1_coef"] == 0.5 and "penalty" not in row  # a given coefficient is not calibrated
 
 
 def test_run_suite_seeds_aggregate():

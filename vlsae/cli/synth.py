@@ -36,21 +36,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-test", type=int, default=None, help="test rows to draw")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="suite option, e.g. correlation=0.3, spectrum=zipf, p_plus=0.8, rho=0.6 (repeatable)")
+    parser.add_argument("--sae-option", action="append", default=[], metavar="ARCH.KEY=VALUE",
+                        help="SAE config value for one arch, e.g. mp.residual_threshold=0.05 (repeatable)")
+    parser.add_argument("--train-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="trainer setting, e.g. betas=[0.5,0.9375] or b_dec_init=zeros (repeatable)")
     parser.add_argument("--device", default="auto", help="training device: auto, cpu or cuda")
     parser.add_argument("--out", default=None, help="write the leaderboard rows to this JSON file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
-def _options(items: list[str]) -> dict:
+def _options(items: list[str], flag: str = "--option", example: str = "correlation=0.3") -> dict:
     out = {}
     for item in items:
         if "=" not in item:
-            raise VlsaeError(f"--option '{item}' must look like key=value, e.g. correlation=0.3")
+            raise VlsaeError(f"{flag} '{item}' must look like key=value, e.g. {example}")
         key, raw = item.split("=", 1)
         try:
             out[key.strip()] = yaml.safe_load(raw)
         except yaml.YAMLError:
             out[key.strip()] = raw
+    return out
+
+
+def _sae_options(items: list[str]) -> dict:
+    out: dict = {}
+    for key, value in _options(items, "--sae-option", "mp.residual_threshold=0.05").items():
+        arch, dot, name = key.partition(".")
+        if not dot or not arch or not name:
+            raise VlsaeError(f"--sae-option '{key}' must name the arch: ARCH.KEY=VALUE, e.g. jumprelu.init_threshold=1")
+        out.setdefault(arch, {})[name] = value
     return out
 
 
@@ -63,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     run_suite(args.suite, archs, n_latents=args.latents, k=args.k, steps=args.steps, seed=args.seed,
               seeds=args.seeds, preset=args.preset, n_train=args.n_train, n_test=args.n_test, noise=args.noise,
               batch_size=args.batch_size, lr=args.lr, device=args.device, options=_options(args.option),
+              arch_options=_sae_options(args.sae_option),
+              train_options=_options(args.train_option, "--train-option", "b_dec_init=zeros"),
               out=args.out, overwrite=args.overwrite)
     if args.out:
         print(f"wrote {args.out}")
