@@ -73,6 +73,10 @@ class TensorSource:
         return torch.randperm(self._rows, generator=torch.Generator().manual_seed(seed))
 
     def batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[Batch]:
+        """Epoch e is a fresh permutation seeded by (seed, e), cut into rows // batch_size
+        full batches (the remainder waits for a later epoch's shuffle; with fewer rows
+        than batch_size each batch is the whole set). Batch ``start`` is found by
+        arithmetic, so resuming costs one permutation, not a replay."""
         per_epoch = max(1, self._rows // batch_size)
         epoch, offset = divmod(start, per_epoch)
         while True:
@@ -82,7 +86,30 @@ class TensorSource:
             epoch, offset = epoch + 1, 0
 
     def sample(self, n: int, seed: int = 0) -> Batch:
+        """Up to ``n`` distinct rows drawn without replacement (seeded)."""
         return self._take(self._permutation(seed + 7_919)[:n])
+
+    def split(self, held_out: float) -> tuple["TensorSource", "TensorSource | None"]:
+        """(train, held-out): the last ``held_out`` fraction of the rows is held out.
+
+        A contiguous tail, not a random subset: no copy of the data, and rows
+        stored in extraction order (tokens of one document, crops of one image)
+        stay on one side, so held-out figures are not flattered by near duplicates.
+        Returns (self, None) when the fraction rounds to no rows.
+        """
+        if not 0 <= held_out < 1:
+            raise VlsaeError(f"the held-out fraction must be in [0, 1), got {held_out}")
+        n_held = int(self._rows * held_out)
+        if n_held == 0:
+            return self, None
+        cut = self._rows - n_held
+        if isinstance(self.data, dict):
+            return (TensorSource({m: t[:cut] for m, t in self.data.items()}),
+                    TensorSource({m: t[cut:] for m, t in self.data.items()}))
+        return TensorSource(self.data[:cut]), TensorSource(self.data[cut:])
+
+    def __repr__(self) -> str:
+        return f"TensorSource(rows={self._rows}, d_in={self.d_in})"
 
 
 def _check_matrix(t: torch.Tensor, what: str) -> None:

@@ -3,6 +3,7 @@
     arch: topk
     sae: {n_latents: 512, k: 16}          # the architecture's config minus d_in (taken from the data)
     data: {path: acts.safetensors}        # or {synthetic: hierarchical, n_train: 50000}, or {acts: DIR, modality: image}
+                                          # path data: the last `held_out` fraction is kept for the final metrics
     train: {steps: 3000, batch_size: 1024}
     align: {steps: 0}                     # > 0 trains the contrastive alignment stage first (paired data)
     out: runs/a
@@ -11,7 +12,8 @@
 ``run.yaml`` in the run folder, so ``vlsae train --out runs/a --resume`` needs
 nothing else. Only ``path`` data is resolved here; the CLI resolves synthetic
 suites and activation caches (which live in ``evals`` and ``multimodal``) and
-passes the source in, keeping this package free of them.
+passes the resolver in, keeping this package free of them. A resolver returns a
+source, or :class:`ResolvedData` (training source + held-out source).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from vlsae.errors import VlsaeError
 from vlsae.saes import create_sae, get_sae_class
 from vlsae.training.config import TrainConfig
 from vlsae.training.data import ActivationSource, open_tensor_file
-from vlsae.training.trainer import TRAINING_JSON, TrainResult, train
+from vlsae.training.trainer import CHECKPOINT_DIR, TRAINING_JSON, TrainResult, check_out_dir, train
 
 RUN_YAML = "run.yaml"
 
@@ -42,14 +44,26 @@ class DataSpec:
     synthetic: str | None = option(None, help="a planted-feature suite: independent, hierarchical, bidirectional, multimodal")
     preset: str | None = option(None, help="preset of the synthetic suite")
     n_train: int = option(50_000, help="rows drawn from the synthetic suite")
+    n_test: int = option(5000, help="held-out rows drawn from the synthetic suite for the final metrics")
     seed: int = option(0, help="seed of the synthetic suite")
     noise: float = option(0.0, help="noise sigma of the synthetic suite")
     options: dict = option(factory=dict, help="extra options of the synthetic suite, e.g. {correlation: 0.3}")
+    held_out: float = option(0.05, help="fraction of a tensor file's rows (its tail) held out for the final metrics; 0: none")
 
     def __post_init__(self) -> None:
         given = [name for name in ("path", "acts", "synthetic") if getattr(self, name)]
         if len(given) > 1:
             raise VlsaeError(f"data has both '{given[0]}' and '{given[1]}'; give exactly one source")
+        if not 0 <= self.held_out < 1:
+            raise VlsaeError(f"data.held_out must be in [0, 1), got {self.held_out}")
+
+
+@dataclass
+class ResolvedData:
+    """What a data resolver returns: the training source and, if any, held-out rows."""
+
+    train: ActivationSource
+    held_out: ActivationSource | None = None
 
 
 @dataclass
@@ -115,16 +129,23 @@ def saved_run_config(out: str | Path) -> dict[str, Any] | None:
     return load_yaml(path) if path.is_file() else None
 
 
-def resolve_path_source(spec: DataSpec) -> ActivationSource:
+def resolve_path_source(spec: DataSpec) -> ResolvedData:
+    """A tensor file, split into training rows and a held-out tail (``data.held_out``)."""
     if spec.path:
-        return open_tensor_file(spec.path)
+        train_rows, held = open_tensor_file(spec.path).split(spec.held_out)
+        return ResolvedData(train_rows, held)
     raise VlsaeError("no training data: give data.path (a tensor file), data.acts (an activation cache) or data.synthetic")
 
 
 def run_training(run: RunConfig, resume: bool = False,
-                 resolve_data: Callable[[DataSpec], ActivationSource] = resolve_path_source) -> TrainResult:
+                 resolve_data: Callable[[DataSpec], ActivationSource | ResolvedData] = resolve_path_source) -> TrainResult:
     """Build the SAE from the run config and the data's width, train it, save it to ``run.out``."""
-    source = resolve_data(run.data)
+    out = Path(run.out) if run.out else None
+    check_out_dir(out, resume)  # before any data is read or run.yaml written
+    resolved = resolve_data(run.data)
+    if not isinstance(resolved, ResolvedData):
+        resolved = ResolvedData(resolved)
+    source, held_out = resolved.train, resolved.held_out
     metadata: dict[str, Any] = {"data": to_dict(run.data)}
     projector = None
     if run.align.steps:
@@ -138,6 +159,8 @@ def run_training(run: RunConfig, resume: bool = False,
             print(f"alignment stage: in-batch retrieval accuracy {align_summary['retrieval_acc_before']:.3f} -> "
                   f"{align_summary['retrieval_acc_after']:.3f}")
         source = ProjectedSource(source, projector)
+        if held_out is not None:
+            held_out = ProjectedSource(held_out, projector)
     widths = source.d_in
     if isinstance(widths, dict):
         distinct = set(widths.values())
@@ -151,10 +174,9 @@ def run_training(run: RunConfig, resume: bool = False,
         sae_values = dict(run.sae)
     torch.manual_seed(run.train.seed)  # the SAE's initial weights are part of the run's seed
     sae = create_sae(run.arch, {**sae_values, "d_in": d_in})
-    out = Path(run.out) if run.out else None
     if out is not None and not resume:
         _write_run_yaml(out, run)
-    result = train(sae, source, run.train, out_dir=out, resume=resume, metadata=metadata)
+    result = train(sae, source, run.train, out_dir=out, resume=resume, metadata=metadata, eval_source=held_out)
     if projector is not None:
         from vlsae.alignment import AlignedSAE
         if out is not None:
@@ -164,33 +186,80 @@ def run_training(run: RunConfig, resume: bool = False,
 
 
 def _write_run_yaml(out: Path, run: RunConfig) -> None:
-    if (out / TRAINING_JSON).exists() or (out / "checkpoint").exists():
-        return  # the trainer refuses with the right message
     record = {"arch": run.arch, "sae": run.sae, "data": to_dict(run.data), "train": to_dict(run.train),
               "align": to_dict(run.align), "out": run.out}
     atomic_write_text(out / RUN_YAML, yaml.safe_dump(record, sort_keys=False))
 
 
+def _weights_header(path: Path) -> tuple[int, int]:
+    """(tensor count, parameter count) from a safetensors header, without reading the data;
+    one-line errors for a missing, pickled or truncated file."""
+    from safetensors import SafetensorError, safe_open
+
+    from vlsae.checkpoint import _looks_like_pickle
+    if not path.is_file():
+        raise VlsaeError(f"{path.parent} has {CONFIG} but no {path.name}; the checkpoint is incomplete")
+    if _looks_like_pickle(path):
+        raise VlsaeError(f"{path} is a pickle/torch.save file; vlsae only loads safetensors")
+    try:
+        with safe_open(str(path), "pt") as handle:
+            shapes = [handle.get_slice(k).get_shape() for k in handle.keys()]
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise VlsaeError(f"{path} is corrupt or truncated ({str(exc).splitlines()[0]}); re-create it or restore a copy") from None
+    params = 0
+    for shape in shapes:
+        n = 1
+        for dim in shape:
+            n *= dim
+        params += n
+    return len(shapes), params
+
+
 def describe_run(path: str | Path) -> dict[str, Any]:
-    """Architecture, sizes, training summary and metrics of a run or checkpoint folder."""
+    """Architecture, sizes, training summary and metrics of a run or checkpoint folder.
+
+    A finished run has ``training.json`` (summary, train config, input scales); an
+    interrupted one is described from its ``checkpoint/`` with its progress.
+    """
     path = Path(path)
-    record = read_config(path)
-    info: dict[str, Any] = {"path": str(path), "arch": record["arch"]}
+    if not path.exists():
+        raise VlsaeError(f"run not found: {path}")
+    info: dict[str, Any] = {"path": str(path)}
+    folder = path
+    if path.is_dir() and not (path / CONFIG).exists() and (path / CHECKPOINT_DIR / CONFIG).exists():
+        folder = path / CHECKPOINT_DIR
+        try:
+            state = json.loads((folder / "state.json").read_text())
+            step, steps = int(state["step"]), int(state["train_config"]["steps"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise VlsaeError(f"{folder} is damaged (no readable state.json); start a new run with another --out") from None
+        info["status"] = f"interrupted at step {step} of {steps}; continue with: vlsae train --out {path} --resume"
+        info["progress"] = {"step": step, "steps": steps, "tokens": state.get("tokens")}
+    record = read_config(folder)
     config = record["config"]
-    info["d_in"] = config.get("d_in")
-    info["n_latents"] = config.get("n_latents")
-    info["config"] = config
+    info.update({"arch": record["arch"], "d_in": config.get("d_in"), "n_latents": config.get("n_latents"),
+                 "config": config})
+    n_tensors, n_params = _weights_header(folder / "sae.safetensors")
+    info["parameters"] = n_params
+    info["weights_bytes"] = (folder / "sae.safetensors").stat().st_size
+    info["alignment_stage"] = (path / "projector.safetensors").exists()
+    log = path / "metrics.jsonl"
+    if log.is_file():
+        for line in reversed(log.read_text().splitlines()):
+            try:
+                info["last_logged"] = json.loads(line)
+                break
+            except json.JSONDecodeError:
+                continue  # a line torn by a crash
     training = path / TRAINING_JSON
     if training.is_file():
         try:
             info["training"] = json.loads(training.read_text())
         except json.JSONDecodeError as exc:
-            raise VlsaeError(f"{training} is damaged ({exc.msg})") from None
-    elif (path / "checkpoint").is_dir():
-        info["status"] = "interrupted: resume with vlsae train --out " + str(path) + " --resume"
-    weights = path / "sae.safetensors"
-    info["weights_bytes"] = weights.stat().st_size if weights.exists() else None
-    info["alignment_stage"] = (path / "projector.safetensors").exists()
-    if not weights.exists():
-        raise VlsaeError(f"{path} has {CONFIG} but no sae.safetensors; the checkpoint is incomplete")
+            raise VlsaeError(f"{training} is damaged ({exc.msg}); the weights may still load with vlsae.load_sae") from None
+        if not isinstance(info["training"], dict):
+            raise VlsaeError(f"{training} is damaged (not a JSON object)")
+        info["status"] = "finished"
+    elif "status" not in info:
+        info["status"] = "SAE checkpoint (no training record)"
     return info

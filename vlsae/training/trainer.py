@@ -5,12 +5,24 @@ from (see ``data.py``) and nothing of the architecture beyond the base-class
 contract: ``training_forward`` returns named losses that are summed, and
 ``before_optimizer_step``/``after_optimizer_step`` handle decoder norms.
 
-What it adds around that contract: input scaling to E||x|| = sqrt(d) (folded
-into the saved weights, so the result takes raw activations), decoder-bias
-initialisation from the data, Adam with warm-up and linear decay, gradient
-clipping, dead-latent tracking fed back to the SAE (AuxK), bf16 autocast on
-CUDA, checkpoints that resume bit-for-bit, JSONL + TensorBoard logs, a
-progress bar and an end-of-run summary.
+What it adds around that contract:
+
+- input scaling: ``c`` with E||c x|| = sqrt(d_in), estimated on ``init_rows``
+  sampled rows (one ``c`` per modality for paired data); the SAE trains on
+  ``c x`` and ``c`` is folded into the weights at the end (``fold_input_scale``,
+  or ``fold_input_scales(dict)`` for multimodal SAEs), so ``result.sae`` takes raw
+  activations; the scales are recorded in ``training.json``;
+- decoder-bias initialisation from the same sample (geometric median, mean, zeros);
+- Adam with linear warm-up, a constant phase and a linear decay to 0 over the
+  last ``decay_fraction`` (see :meth:`TrainConfig.lr_factor`), gradient clipping;
+- dead-latent tracking: a "token" is one row, or one pair for paired data; a
+  latent is dead when it has not fired in the last ``dead_tokens`` tokens
+  (default min(10M, steps * batch_size / 5), so a short run can still see dead
+  latents and AuxK gets to act); the mask goes to the SAE in :class:`TrainContext`;
+- one host-device sync per step, to stop at the first non-finite loss or batch
+  (naming the step) before it reaches the weights or a checkpoint;
+- bf16 autocast on CUDA; checkpoints that resume bit-for-bit (``state.py``);
+  JSONL + TensorBoard logs, a tqdm bar and a rich summary (``log.py``).
 """
 from __future__ import annotations
 
@@ -26,15 +38,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlsae.checkpoint import atomic_write_text, replace_dir, save_sae
+from vlsae.checkpoint import CONFIG, WEIGHTS, atomic_write_text, read_config, read_safetensors, replace_dir, save_sae
 from vlsae.config import to_dict
 from vlsae.errors import VlsaeError
-from vlsae.saes.base import SAE, TrainContext, normalized_mse
-from vlsae.training.config import TrainConfig
-from vlsae.training.data import ActivationSource, Batch
-from vlsae.training.log import MetricsLog, print_summary
+from vlsae.saes.base import SAE, TrainContext, TrainOutput, normalized_mse
+from vlsae.sparse import SparseCode
+from vlsae.training.config import RESUME_KEYS, TrainConfig
+from vlsae.training.data import ActivationSource, Batch, TensorSource
+from vlsae.training.log import TENSORBOARD_DIR, MetricsLog, print_summary
 from vlsae.training.metrics import evaluate, geometric_median
-from vlsae.training.state import optimizer_from_flat, optimizer_to_flat, read_state, write_state
+from vlsae.training.state import (optimizer_from_flat, optimizer_to_flat, read_state, rng_from_flat, rng_to_flat,
+                                  write_state)
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINING_JSON = "training.json"
@@ -42,13 +56,17 @@ TRAINING_JSON = "training.json"
 
 @dataclass
 class TrainResult:
+    """sae: trained, input scale folded in (takes raw inputs), in eval mode;
+    summary: end-of-run figures (see :func:`train`); history: the logged step records."""
+
     sae: SAE
     summary: dict[str, Any]
     out_dir: Path | None = None
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def _device(name: str) -> torch.device:
+# ------------------------------------------------------------------ checks
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -63,38 +81,75 @@ def is_multimodal(sae: SAE) -> bool:
     return bool(getattr(sae.config, "modalities", ()))
 
 
-def check_compatible(sae: SAE, source: ActivationSource) -> None:
+def check_compatible(sae: SAE, source: ActivationSource, what: str = "the data") -> None:
     """One-line errors when the data cannot feed this SAE."""
     if len(source) == 0:
-        raise VlsaeError("the dataset is empty: no rows to train on")
+        raise VlsaeError(f"the dataset is empty: {what} has no rows to train on")
     widths = source.d_in
     if isinstance(widths, dict):
         if not is_multimodal(sae):
-            raise VlsaeError(f"the data is paired ({', '.join(widths)}) but '{sae.arch}' is a single-stream SAE; "
+            raise VlsaeError(f"{what} is paired ({', '.join(widths)}) but '{sae.arch}' is a single-stream SAE; "
                              "use a multimodal architecture (vl, vl-split, vl-shared) or select one modality")
         for m, w in widths.items():
             if m not in sae.config.modalities:
-                raise VlsaeError(f"the data has modality '{m}' but the SAE has {list(sae.config.modalities)}")
+                raise VlsaeError(f"{what} has modality '{m}' but the SAE has {list(sae.config.modalities)}")
             if w != sae.d_in:
-                raise VlsaeError(f"modality '{m}' has width {w} but the SAE expects d_in={sae.d_in}")
+                raise VlsaeError(f"modality '{m}' of {what} has width {w} but the SAE expects d_in={sae.d_in}")
     else:
         if is_multimodal(sae):
             raise VlsaeError(f"'{sae.arch}' trains on paired data (modalities {list(sae.config.modalities)}), "
-                             "but the data is a single tensor; give paired data (e.g. an activation cache with image and text)")
+                             f"but {what} is a single tensor; give paired data (e.g. an activation cache with image and text)")
         if widths != sae.d_in:
-            raise VlsaeError(f"the data has width {widths} but the SAE expects d_in={sae.d_in}; build the SAE with d_in={widths}")
+            raise VlsaeError(f"{what} has width {widths} but the SAE expects d_in={sae.d_in}; build the SAE with d_in={widths}")
 
 
-def _finite_or_fail(batch: Batch, where: str) -> None:
+def check_out_dir(out_dir: str | Path | None, resume: bool) -> None:
+    """Refuse to overwrite a run or checkpoint; refuse to resume without a checkpoint."""
+    if out_dir is None:
+        if resume:
+            raise VlsaeError("--resume needs --out pointing at the interrupted run")
+        return
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise VlsaeError(f"--out {out} is a file; give a folder for the run")
+    finished = (out / TRAINING_JSON).exists()
+    checkpoint = (out / CHECKPOINT_DIR).is_dir()
+    if resume:
+        if finished:
+            raise VlsaeError(f"the run in {out} already finished; nothing to resume (start another with a new --out)")
+        if not checkpoint:
+            raise VlsaeError(f"no checkpoint to resume in {out}; start the run without --resume (or check the --out path)")
+        return
+    if finished:
+        raise VlsaeError(f"{out} already holds a finished run; choose another --out "
+                         "(vlsae never overwrites a run; --resume only continues interrupted ones)")
+    if checkpoint:
+        raise VlsaeError(f"{out} holds an interrupted run; pass --resume to continue it or choose another --out")
+    if (out / WEIGHTS).exists() or (out / CONFIG).exists():
+        raise VlsaeError(f"{out} already holds an SAE checkpoint; choose another --out (vlsae never overwrites one)")
+
+
+def _all_finite(batch: Batch) -> torch.Tensor:
+    """0-d bool tensor on the batch's device (no host sync)."""
+    items = list(batch.values()) if isinstance(batch, dict) else [batch]
+    ok = torch.isfinite(items[0]).all()
+    for t in items[1:]:
+        ok = ok & torch.isfinite(t).all()
+    return ok
+
+
+def _check_finite(batch: Batch, where: str) -> None:
     items = batch.items() if isinstance(batch, dict) else [("activations", batch)]
     for name, t in items:
-        if not torch.isfinite(t).all():
-            raise VlsaeError(f"{name} contain NaN or inf ({where}); clean the data or re-extract it")
+        if not bool(torch.isfinite(t).all()):
+            what = "the data" if name == "activations" else f"modality '{name}' of the data"
+            raise VlsaeError(f"{what} has NaN or inf values {where}; clean the data (or re-extract it)")
 
 
-def _rows(batch: Batch) -> int:
+def _tokens(batch: Batch) -> int:
+    """Rows in a batch; a pair counts once for paired data."""
     if isinstance(batch, dict):
-        return sum(t.shape[0] for t in batch.values())
+        return next(iter(batch.values())).shape[0]
     return batch.shape[0]
 
 
@@ -105,7 +160,7 @@ def _to(batch: Batch, device: torch.device, scales: float | dict[str, float]) ->
 
 
 def estimate_scales(sae: SAE, sample: Batch) -> float | dict[str, float]:
-    """c (or c per modality) with E||c x|| = sqrt(d_in)."""
+    """c (or c per modality) with E||c x|| = sqrt(d_in) over the sample's rows."""
     def scale(x: torch.Tensor) -> float:
         norm = float(x.float().norm(dim=1).mean())
         if norm <= 0 or not math.isfinite(norm):
@@ -119,7 +174,8 @@ def estimate_scales(sae: SAE, sample: Batch) -> float | dict[str, float]:
     return scale(sample)
 
 
-def _center(x: torch.Tensor, how: str) -> torch.Tensor:
+def data_center(x: torch.Tensor, how: str) -> torch.Tensor:
+    """The b_dec initialisation: geometric median, mean or zeros of the rows of x (n, d)."""
     if how == "zeros":
         return torch.zeros(x.shape[1])
     if how == "mean":
@@ -129,10 +185,7 @@ def _center(x: torch.Tensor, how: str) -> torch.Tensor:
 
 def _fold(sae: SAE, scales: float | dict[str, float]) -> None:
     if isinstance(scales, dict):
-        if hasattr(sae, "fold_input_scales"):
-            sae.fold_input_scales(scales)  # type: ignore[operator]
-        else:
-            raise VlsaeError(f"'{sae.arch}' cannot fold per-modality input scales; train it with normalize_input: false")
+        sae.fold_input_scales(scales)  # type: ignore[attr-defined]  (checked before training)
     else:
         sae.fold_input_scale(scales)
 
@@ -145,41 +198,45 @@ def _make_optimizer(sae: SAE, config: TrainConfig, lr: float) -> torch.optim.Opt
         return torch.optim.Adam(params, lr=lr, betas=config.betas, eps=config.adam_eps)
 
 
-def _prepare_out_dir(out_dir: Path | None, resume: bool) -> None:
-    if out_dir is None:
-        if resume:
-            raise VlsaeError("--resume needs --out pointing at the interrupted run")
-        return
-    if out_dir.exists() and not out_dir.is_dir():
-        raise VlsaeError(f"--out {out_dir} is a file; give a folder for the run")
-    finished = (out_dir / TRAINING_JSON).exists()
-    checkpoint = (out_dir / CHECKPOINT_DIR).is_dir()
-    if resume:
-        if finished:
-            raise VlsaeError(f"the run in {out_dir} already finished; nothing to resume (start another with a new --out)")
-        if not checkpoint:
-            raise VlsaeError(f"no checkpoint to resume in {out_dir}; start the run without --resume")
-        return
-    if finished:
-        raise VlsaeError(f"{out_dir} already holds a finished run; choose another --out (vlsae never overwrites a run)")
-    if checkpoint:
-        raise VlsaeError(f"{out_dir} holds an interrupted run; pass --resume to continue it or choose another --out")
+def _mark_fired(last_fired: torch.Tensor, code: SparseCode, tokens: int) -> None:
+    """last_fired[i] = tokens for every latent that fired in this batch (no host sync)."""
+    stamps = torch.where(code.values.detach() != 0, tokens, 0)
+    last_fired.scatter_reduce_(0, code.indices.reshape(-1), stamps.reshape(-1).to(last_fired.dtype), reduce="amax")
 
 
+# -------------------------------------------------------------------- train
 def train(sae: SAE, source: ActivationSource, config: TrainConfig | None = None, out_dir: str | Path | None = None,
-          resume: bool = False, metadata: dict[str, Any] | None = None) -> TrainResult:
+          resume: bool = False, metadata: dict[str, Any] | None = None,
+          eval_source: ActivationSource | Batch | None = None) -> TrainResult:
     """Train ``sae`` on ``source``; returns the SAE ready for raw inputs and a summary.
 
-    With ``out_dir`` the run writes periodic checkpoints there and, at the end,
-    the final checkpoint folder (sae.safetensors, config.json, training.json,
-    metrics.jsonl, tensorboard/). ``resume=True`` continues the interrupted run
-    in ``out_dir`` exactly where its last checkpoint left off.
+    source: any :class:`ActivationSource` (a tensor batch per step, or a dict of
+    modality -> tensor with aligned rows for multimodal SAEs).
+    eval_source: held-out rows for the end-of-run metrics; without it they are
+    computed on a sample of the training rows (``summary["eval_split"]`` says which).
+    out_dir: the run folder. During the run it holds ``checkpoint/`` (every
+    ``checkpoint_every`` steps), ``metrics.jsonl`` and ``tensorboard/``; at the end
+    the final SAE (``sae.safetensors``, ``config.json``) and ``training.json``
+    (summary, train config, input scales), and the checkpoint is removed.
+    resume: continue the interrupted run in ``out_dir`` from its last checkpoint;
+    the result equals the uninterrupted run's.
+
+    summary keys: arch, d_in, n_latents, fvu, l0, shrinkage, never_fired_fraction
+    (and per modality ``fvu_<m>`` etc. for paired data), dead_fraction, eval_split,
+    eval_rows, steps, tokens, seconds, tokens_per_s, device, lr, input_scale.
     """
     config = config or TrainConfig()
     out = Path(out_dir) if out_dir is not None else None
+    if eval_source is not None and not isinstance(eval_source, ActivationSource):
+        eval_source = TensorSource(eval_source)
     check_compatible(sae, source)
-    _prepare_out_dir(out, resume)
-    device = _device(config.device)
+    if eval_source is not None:
+        check_compatible(sae, eval_source, what="the held-out data")
+    check_out_dir(out, resume)
+    if isinstance(source.d_in, dict) and config.normalize_input and not hasattr(sae, "fold_input_scales"):
+        raise VlsaeError(f"'{sae.arch}' cannot fold per-modality input scales (no fold_input_scales); "
+                         "train it with train.normalize_input=false")
+    device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2 ** 32)
     random.seed(config.seed)
@@ -187,7 +244,7 @@ def train(sae: SAE, source: ActivationSource, config: TrainConfig | None = None,
     sae.to(device)
     sae.train()
     sample = source.sample(config.init_rows, seed=config.seed)
-    _finite_or_fail(sample, "in the initialisation sample")
+    _check_finite(sample, "in the rows sampled for initialisation")
     scales: float | dict[str, float] = 1.0
     if config.normalize_input:
         scales = estimate_scales(sae, sample)
@@ -195,22 +252,24 @@ def train(sae: SAE, source: ActivationSource, config: TrainConfig | None = None,
         scales = {m: 1.0 for m in sample}
     scaled = _to(sample, torch.device("cpu"), scales)
     if isinstance(scaled, dict):
-        sae.init_decoder_bias({m: _center(x, config.b_dec_init) for m, x in scaled.items()})  # type: ignore[arg-type]
+        sae.init_decoder_bias({m: data_center(x, config.b_dec_init) for m, x in scaled.items()})  # type: ignore[arg-type]
     else:
-        sae.init_decoder_bias(_center(scaled, config.b_dec_init))
-    del scaled
+        sae.init_decoder_bias(data_center(scaled, config.b_dec_init))
+    del scaled, sample
 
     peak_lr = config.resolved_lr(sae.n_latents)
     optimizer = _make_optimizer(sae, config, peak_lr)
     dead_tokens = config.resolved_dead_tokens()
     last_fired = torch.zeros(sae.n_latents, dtype=torch.long, device=device)
-    rows_seen = 0
+    tokens = 0
     start_step = 0
     elapsed_before = 0.0
-
     if resume:
         assert out is not None
-        start_step, rows_seen, elapsed_before, scales = _restore(out / CHECKPOINT_DIR, sae, optimizer, last_fired, device)
+        start_step, tokens, elapsed_before, scales = _restore(out / CHECKPOINT_DIR, sae, optimizer, last_fired,
+                                                              config, device)
+    elif out is not None and (out / TENSORBOARD_DIR).exists():
+        shutil.rmtree(out / TENSORBOARD_DIR)  # left by a fresh run that died before its first checkpoint
 
     log = MetricsLog(out, start_step=start_step, tensorboard=config.tensorboard)
     history: list[dict[str, float]] = []
@@ -224,17 +283,17 @@ def train(sae: SAE, source: ActivationSource, config: TrainConfig | None = None,
     try:
         for step in range(start_step, config.steps):
             batch = _to(next(batches), device, scales)
-            _finite_or_fail(batch, f"in the batch of step {step}")
             lr = peak_lr * config.lr_factor(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            dead = (rows_seen - last_fired) > dead_tokens
+            dead = (tokens - last_fired) > dead_tokens
             ctx = TrainContext(step=step, progress=step / config.steps, dead_mask=dead)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
                 out_step = sae.training_forward(batch, ctx)
             loss = out_step.loss
-            if not torch.isfinite(loss):
-                raise VlsaeError(f"the loss became {float(loss)} at step {step}; lower the learning rate (train.lr) or check the data")
+            if not bool(torch.isfinite(loss.detach()) & _all_finite(batch)):  # the one sync per step
+                _check_finite(batch, f"in the batch of step {step}")
+                raise VlsaeError(f"the loss became {float(loss)} at step {step}; lower the learning rate (train.lr)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip:
@@ -242,8 +301,8 @@ def train(sae: SAE, source: ActivationSource, config: TrainConfig | None = None,
             sae.before_optimizer_step()
             optimizer.step()
             sae.after_optimizer_step()
-            rows_seen += _rows(batch)
-            last_fired[out_step.code.active_mask()] = rows_seen
+            tokens += _tokens(batch)
+            _mark_fired(last_fired, out_step.code, tokens)
 
             done = step + 1
             if done % config.log_every == 0 or done == config.steps:
@@ -255,28 +314,31 @@ def train(sae: SAE, source: ActivationSource, config: TrainConfig | None = None,
             if bar is not None:
                 bar.update(1)
             if out is not None and config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-                _checkpoint(out, sae, optimizer, last_fired, done, rows_seen,
-                            elapsed_before + time.perf_counter() - began, scales, config)
                 log.flush()
+                _checkpoint(out, sae, optimizer, last_fired, done, tokens,
+                            elapsed_before + time.perf_counter() - began, scales, config, device)
     finally:
         if bar is not None:
             bar.close()
         log.close()
 
-    seconds = elapsed_before + time.perf_counter() - began
-    final_dead = float(((rows_seen - last_fired) > dead_tokens).float().mean())
+    trained_seconds = time.perf_counter() - began
+    final_dead = float(((tokens - last_fired) > dead_tokens).float().mean())
     _fold(sae, scales)
     sae.eval()
-    eval_rows = source.sample(config.eval_rows, seed=config.seed + 1)
-    eval_rows = {m: t.to(device).float() for m, t in eval_rows.items()} if isinstance(eval_rows, dict) else eval_rows.to(device).float()
+    held = eval_source if eval_source is not None else source
+    rows = held.sample(config.eval_rows, seed=config.seed + 1)
+    rows = {m: t.to(device).float() for m, t in rows.items()} if isinstance(rows, dict) else rows.to(device).float()
     summary: dict[str, Any] = {"arch": sae.arch, "d_in": sae.d_in, "n_latents": sae.n_latents}
-    summary.update(evaluate(sae, eval_rows))
-    trained_steps = config.steps - start_step
+    summary.update(evaluate(sae, rows))
     summary.update({
-        "dead_fraction": final_dead, "steps": config.steps, "rows": rows_seen, "seconds": round(seconds, 2),
-        "rows_per_s": round(trained_steps * config.batch_size / max(time.perf_counter() - began, 1e-9), 1),
-        "device": str(device), "lr": peak_lr,
-        "input_scale": scales,
+        "dead_fraction": final_dead,
+        "eval_split": "held-out" if eval_source is not None else "training sample",
+        "eval_rows": _tokens(rows),
+        "steps": config.steps, "tokens": tokens,
+        "seconds": round(elapsed_before + trained_seconds, 2),
+        "tokens_per_s": round((config.steps - start_step) * config.batch_size / max(trained_seconds, 1e-9), 1),
+        "device": str(device), "lr": peak_lr, "input_scale": scales,
     })
     if out is not None:
         _finish(out, sae, config, summary, metadata)
@@ -285,7 +347,9 @@ def train(sae: SAE, source: ActivationSource, config: TrainConfig | None = None,
     return TrainResult(sae=sae, summary=summary, out_dir=out, history=history)
 
 
-def _step_record(step: int, lr: float, loss: torch.Tensor, out_step, batch: Batch, dead: torch.Tensor) -> dict[str, float]:
+def _step_record(step: int, lr: float, loss: torch.Tensor, out_step: TrainOutput, batch: Batch,
+                 dead: torch.Tensor) -> dict[str, float]:
+    """The JSONL/TensorBoard record of a logged step (figures on the training batch, scaled space)."""
     record: dict[str, float] = {"step": step, "lr": lr, "loss": float(loss.detach())}
     for name, value in out_step.losses.items():
         record[f"loss_{name}"] = float(value.detach())
@@ -293,12 +357,12 @@ def _step_record(step: int, lr: float, loss: torch.Tensor, out_step, batch: Batc
         if isinstance(batch, dict):
             fvus = []
             for m, x in batch.items():
-                f = float(normalized_mse(x, out_step.recon[m].float()))
+                f = float(normalized_mse(x, out_step.recon[m].float()))  # type: ignore[index]
                 record[f"fvu_{m}"] = f
                 fvus.append(f)
             record["fvu"] = sum(fvus) / len(fvus)
         else:
-            record["fvu"] = float(normalized_mse(batch, out_step.recon.float()))
+            record["fvu"] = float(normalized_mse(batch, out_step.recon.float()))  # type: ignore[union-attr]
     record["l0"] = float(out_step.code.l0().float().mean())
     record["dead_fraction"] = float(dead.float().mean())
     for key, value in out_step.metrics.items():
@@ -306,47 +370,62 @@ def _step_record(step: int, lr: float, loss: torch.Tensor, out_step, batch: Batc
     return record
 
 
-def _checkpoint(out: Path, sae: SAE, optimizer, last_fired, step: int, rows_seen: int, seconds: float,
-                scales, config: TrainConfig) -> None:
-    """Write out/checkpoint atomically: build it aside, then swap it in."""
+# -------------------------------------------------------------- checkpoints
+def _checkpoint(out: Path, sae: SAE, optimizer: torch.optim.Optimizer, last_fired: torch.Tensor, step: int,
+                tokens: int, seconds: float, scales: float | dict[str, float], config: TrainConfig,
+                device: torch.device) -> None:
+    """Write out/checkpoint atomically: build it in a temp folder, then swap it in."""
     tmp = out / f".{CHECKPOINT_DIR}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     save_sae(sae, tmp)
     tensors, opt_meta = optimizer_to_flat(optimizer)
+    rng_tensors, rng_meta = rng_to_flat(cuda=device.type == "cuda")
+    tensors.update(rng_tensors)
     tensors["last_fired"] = last_fired.cpu()
-    tensors["rng_cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng_cuda"] = torch.cuda.get_rng_state()
-    meta = {"step": step, "rows_seen": rows_seen, "seconds": seconds, "input_scale": scales,
-            "optimizer": opt_meta, "train_config": to_dict(config)}
+    meta = {"step": step, "batches_consumed": step, "tokens": tokens, "seconds": seconds, "input_scale": scales,
+            "optimizer": opt_meta, "rng": rng_meta, "train_config": to_dict(config)}
     write_state(tmp, tensors, meta)
     replace_dir(tmp, out / CHECKPOINT_DIR)
 
 
-def _restore(folder: Path, sae: SAE, optimizer, last_fired: torch.Tensor, device: torch.device):
-    from vlsae.checkpoint import WEIGHTS, read_config, read_safetensors
+def _restore(folder: Path, sae: SAE, optimizer: torch.optim.Optimizer, last_fired: torch.Tensor, config: TrainConfig,
+             device: torch.device) -> tuple[int, int, float, float | dict[str, float]]:
+    """Load a checkpoint into sae/optimizer/last_fired/RNGs; returns (step, tokens, seconds, scales)."""
     record = read_config(folder)
     if record["arch"] != sae.arch:
         raise VlsaeError(f"the checkpoint in {folder} is a '{record['arch']}' SAE, not '{sae.arch}'; resume with the same architecture")
+    mine = to_dict(sae.config)
+    for key, value in record["config"].items():
+        if key != "hook" and key in mine and mine[key] != value:
+            raise VlsaeError(f"the checkpoint in {folder} has sae.{key}={value}, but this run has {mine[key]}; "
+                             "resume with the same settings or start a new run with another --out")
+    tensors, meta = read_state(folder)
+    saved = meta.get("train_config", {})
+    now = to_dict(config)
+    for key in RESUME_KEYS:
+        if key in saved and saved[key] != now[key]:
+            raise VlsaeError(f"the checkpoint in {folder} was trained with train.{key}={saved[key]}, not {now[key]}; "
+                             "resume with the same settings or start a new run with another --out")
     weights = read_safetensors(folder / WEIGHTS, what="checkpoint weights")
     try:
         sae.load_state_dict(weights)
     except RuntimeError as exc:
-        raise VlsaeError(f"the checkpoint in {folder} does not fit this SAE ({str(exc).splitlines()[0]}); resume with the same settings") from None
+        raise VlsaeError(f"the checkpoint in {folder} does not fit this SAE ({str(exc).splitlines()[0]}); "
+                         "resume with the same settings") from None
     sae.to(device)
-    tensors, meta = read_state(folder)
     optimizer_from_flat(optimizer, tensors, meta["optimizer"])
+    if tensors["last_fired"].shape != last_fired.shape:
+        raise VlsaeError(f"the checkpoint in {folder} tracks {tensors['last_fired'].shape[0]} latents, not {last_fired.shape[0]}")
     last_fired.copy_(tensors["last_fired"].to(device))
-    torch.set_rng_state(tensors["rng_cpu"])
-    if "rng_cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng_cuda"])
-    return int(meta["step"]), int(meta["rows_seen"]), float(meta.get("seconds", 0.0)), meta["input_scale"]
+    rng_from_flat(tensors, meta.get("rng", {}))
+    return int(meta["step"]), int(meta["tokens"]), float(meta.get("seconds", 0.0)), meta["input_scale"]
 
 
 def _finish(out: Path, sae: SAE, config: TrainConfig, summary: dict[str, Any], metadata: dict[str, Any] | None) -> None:
     """Final weights first, then training.json (which marks the run finished), then drop the checkpoint."""
     save_sae(sae, out, metadata={"input_scale_folded": True, **(metadata or {})})
-    record = {"summary": summary, "train_config": to_dict(config), "metadata": metadata or {}}
+    record = {"summary": summary, "input_scale": summary["input_scale"], "train_config": to_dict(config),
+              "metadata": metadata or {}}
     atomic_write_text(out / TRAINING_JSON, json.dumps(record, indent=2, default=str))
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
