@@ -2,8 +2,13 @@
 
 FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over a set of rows (1 - explained variance).
 L0 = mean number of non-zero latents per row.
-Shrinkage = mean over rows of ||x_hat|| / ||x|| (the relative norm; < 1 means the SAE shrinks its outputs).
-Dead fraction = latents that did not fire within the trainer's dead window.
+Shrinkage = mean over rows of ||x_hat|| / ||x||: the standard "L2 ratio" (SAELens, SAEBench); < 1
+    means the SAE shrinks its outputs (L1-trained SAEs do; TopK ones should sit near 1).
+Dead fraction = latents that did not fire within the trainer's dead window (training stream);
+never_fired_fraction = latents that fire on none of the evaluation rows.
+
+All figures are on raw inputs (the input scale is folded in before evaluation), so
+they are comparable across runs with different scales.
 """
 from __future__ import annotations
 
