@@ -62,7 +62,7 @@ def test_aligned_sae_round_trips_through_a_checkpoint(tmp_path):
     loaded = load_sae(tmp_path / "run")
     assert isinstance(loaded, AlignedSAE)
     x = torch.randn(4, 5)
-    expected = proj.from_shared(sae.decode(sae.encode(proj.to_shared(x, "text")), "text"), "text")
+    expected = proj.from_shared(sae.decode(sae.encode(proj.to_shared(x, "text"), "text"), "text"), "text")
     assert torch.allclose(loaded(x, "text"), expected, atol=1e-6)
     with pytest.raises(VlsaeError, match="shape"):
         loaded.encode(torch.randn(4, 6), "text")

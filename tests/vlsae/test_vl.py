@@ -9,7 +9,7 @@ from vlsae.saes.base import TrainContext
 
 
 def test_active_latents_are_the_k_nearest_directions():
-    sae = create_sae("vl", d_in=12, n_latents=40, k=5)
+    sae = create_sae("vl", d_in=12, n_latents=40, k=5, center_inputs=False)
     x = torch.randn(30, 12) * 7.0  # norm must not matter
     code = sae.encode(x)
     cos = F.normalize(x, dim=1) @ F.normalize(sae.W_enc, dim=1).t()
@@ -23,7 +23,7 @@ def test_active_latents_are_the_k_nearest_directions():
 
 
 def test_gradients_finite_when_input_equals_a_concept_direction():
-    sae = create_sae("vl", d_in=8, n_latents=16, k=3)
+    sae = create_sae("vl", d_in=8, n_latents=16, k=3, center_inputs=False)
     x = {"image": sae.W_enc.detach()[:4].clone() * 3.0, "text": sae.W_enc.detach()[4:8].clone()}
     out = sae.training_forward(x, TrainContext())
     out.loss.backward()
@@ -87,10 +87,23 @@ def test_bad_inputs_are_one_line_errors():
     with pytest.raises(VlsaeError, match="paired batches"):
         sae.training_forward(torch.randn(4, 8), TrainContext())
     with pytest.raises(VlsaeError, match="pass modality"):
-        sae.decode(sae.encode(torch.randn(3, 8)))
+        sae.encode(torch.randn(3, 8))  # centring needs the modality's bias
+    with pytest.raises(VlsaeError, match="pass modality"):
+        sae.decode(sae.encode(torch.randn(3, 8), "image"))
     with pytest.raises(VlsaeError, match="unknown modality"):
         sae(torch.randn(3, 8), "audio")
     with pytest.raises(VlsaeError, match="shape"):
-        sae.encode(torch.randn(3, 9))
+        sae.encode(torch.randn(3, 9), "image")
     with pytest.raises(VlsaeError, match="k must be"):
         create_sae("vl", d_in=8, n_latents=16, k=17)
+
+
+def test_centred_encoder_ignores_the_modality_offset():
+    sae = create_sae("vl", d_in=6, n_latents=12, k=2)
+    offset = torch.tensor([5.0, 0, 0, 0, 0, 0])
+    with torch.no_grad():
+        sae.b_dec["image"].copy_(offset)
+    x = torch.randn(10, 6)
+    a = sae.encode(x + offset, "image").indices.sort(1).values
+    b = sae.encode(x, "text").indices.sort(1).values
+    assert torch.equal(a, b)

@@ -52,6 +52,8 @@ class VLConfig(SAEConfig):
     k_aux: int = option(0, help="dead concepts used by AuxK; 0 means d_in // 2")
     aux_coef: float = option(1 / 32, help="weight of AuxK over the nearest dead directions (0 turns it off)")
     reinit_dead_every: int = option(0, help="every N steps re-initialise dead concept rows to training inputs (0: never)")
+    center_inputs: bool = option(True, help="compare x - b_dec[modality] with the concepts (removes the modality gap before "
+                                            "the cosine); false reproduces the released code, which compares raw x")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -176,21 +178,27 @@ class VLSAE(MultimodalSAE):
         """(n_latents, d_in) unit concept vectors."""
         return F.normalize(self.W_enc, dim=1)
 
-    def scores(self, x: torch.Tensor) -> torch.Tensor:
+    def unit_inputs(self, x: torch.Tensor, modality: str | None) -> torch.Tensor:
+        """The directions the encoder compares: x (or x - b_dec[modality]) normalised."""
+        if self.config.center_inputs:
+            x = x - self.b_dec[self._modality(modality)]
+        elif modality is not None:
+            self._modality(modality)
+        return F.normalize(x, dim=1)
+
+    def scores(self, x: torch.Tensor, modality: str | None = None) -> torch.Tensor:
         """Dense s(x): (batch, d_in) -> (batch, n_latents), in [0, 2]; for analysis."""
-        cos = F.normalize(x, dim=1) @ self.concept_directions().t()
+        cos = self.unit_inputs(x, modality) @ self.concept_directions().t()
         return self._distance_score(cos)
 
     def _distance_score(self, cos: torch.Tensor) -> torch.Tensor:
         return 2 - torch.sqrt(torch.clamp(2 - 2 * cos, min=self.config.eps))
 
     def encode(self, x: torch.Tensor, modality: str | None = None) -> SparseCode:  # type: ignore[override]
-        """The k nearest concept directions of each row; ``modality`` is accepted and ignored
-        (the encoder is shared), so callers can treat every multimodal SAE alike."""
+        """The k nearest concept directions of each row. The encoder is shared; ``modality``
+        only selects which decoder bias centres the input (``center_inputs``)."""
         self.check_input(x)
-        if modality is not None:
-            self._modality(modality)
-        cos = F.normalize(x, dim=1) @ self.concept_directions().t()
+        cos = self.unit_inputs(x, modality) @ self.concept_directions().t()
         values, indices = cos.topk(self.config.k, dim=1, sorted=False)
         return SparseCode(self._distance_score(values), indices, self.n_latents)
 
@@ -210,7 +218,7 @@ class VLSAE(MultimodalSAE):
         directions = self.concept_directions()
         recon, losses, metrics, codes = {}, {}, {}, []
         for m, xm in batch.items():
-            unit = F.normalize(xm, dim=1)
+            unit = self.unit_inputs(xm, m)
             with torch.no_grad():
                 cos_all = unit @ directions.t()
                 indices = cos_all.topk(cfg.k, dim=1, sorted=False).indices
@@ -285,6 +293,7 @@ class VLSharedSAE(MultimodalSAE):
     """One linear ReLU-TopK encoder and one decoder for every modality (a plain SAE on the union)."""
 
     config_class = VLConfig
+    shared_input_scale = True  # one decoder for all modalities: the trainer scales them alike
 
     def build_decoder(self) -> None:
         d, n = self.config.d_in, self.config.n_latents
