@@ -218,3 +218,22 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, acts, capsys):
 def test_shipped_configs_are_valid(config):
     run = load_run_config(config)
     assert run.out and (run.data.path or run.data.synthetic or run.data.acts)
+
+
+def test_training_on_an_activation_cache(tmp_path, capsys):
+    cache = pytest.importorskip("multimodal.cache")
+    from multimodal.adapters.base import Extracted
+    x = planted(n=600)
+    writer = cache.ActivationWriter(tmp_path / "acts", {"source": "test", "hook": "final", "tokens": "cls", "data": "mem"},
+                                    ["image", "text"], {"image": 16, "text": 16}, torch.float32, shard_rows=256)
+    for lo in range(0, 600, 100):
+        writer.add(Extracted(keys=[f"k{i}" for i in range(lo, lo + 100)],
+                             acts={"image": x[lo:lo + 100], "text": 0.5 * x[lo:lo + 100] - 1},
+                             pair_index={"image": torch.arange(100), "text": torch.arange(100)}))
+    writer.close()
+    args = ["--latents", "32", "--k", "3", "--steps", "30", "--batch-size", "64", "--quiet"]
+    assert main(["train", "--acts", str(tmp_path / "acts"), "--modality", "image", *args, "--out", str(tmp_path / "a")]) == 0
+    assert main(["train", "--acts", str(tmp_path / "acts"), "--arch", "vl", *args, "--out", str(tmp_path / "b")]) == 0
+    summary = json.loads((tmp_path / "b" / "training.json").read_text())["summary"]
+    assert {"fvu_image", "fvu_text"} <= set(summary) and summary["tokens"] == 30 * 64
+    assert "paired" in one_line_error(capsys, ["train", "--acts", str(tmp_path / "acts"), *args])

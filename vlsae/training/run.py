@@ -17,6 +17,7 @@ source, or :class:`ResolvedData` (training source + held-out source).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ import yaml
 from vlsae.checkpoint import CONFIG, atomic_write_text, read_config
 from vlsae.config import apply_overrides, from_dict, load_yaml, option, to_dict
 from vlsae.errors import VlsaeError
-from vlsae.saes import create_sae, get_sae_class
+from vlsae.saes import create_sae, get_sae_class, list_archs
 from vlsae.training.config import TrainConfig
 from vlsae.training.data import ActivationSource, open_tensor_file
 from vlsae.training.trainer import CHECKPOINT_DIR, TRAINING_JSON, TrainResult, check_out_dir, train
@@ -137,6 +138,15 @@ def resolve_path_source(spec: DataSpec) -> ResolvedData:
     raise VlsaeError("no training data: give data.path (a tensor file), data.acts (an activation cache) or data.synthetic")
 
 
+def arch_is_multimodal(arch: str) -> bool:
+    """True when the architecture trains on paired dict batches (its config lists modalities by default)."""
+    spec = get_sae_class(arch).config_class.__dataclass_fields__.get("modalities")
+    if spec is None:
+        return False
+    default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default  # type: ignore[misc]
+    return bool(default)
+
+
 def run_training(run: RunConfig, resume: bool = False,
                  resolve_data: Callable[[DataSpec], ActivationSource | ResolvedData] = resolve_path_source) -> TrainResult:
     """Build the SAE from the run config and the data's width, train it, save it to ``run.out``."""
@@ -146,6 +156,11 @@ def run_training(run: RunConfig, resume: bool = False,
     if not isinstance(resolved, ResolvedData):
         resolved = ResolvedData(resolved)
     source, held_out = resolved.train, resolved.held_out
+    if isinstance(source.d_in, dict) and not arch_is_multimodal(run.arch):
+        multi = ", ".join(a for a in list_archs() if arch_is_multimodal(a))
+        raise VlsaeError(f"the data is paired ({', '.join(source.d_in)}) but '{run.arch}' is a single-stream SAE; "
+                         f"train on one modality (--modality {next(iter(source.d_in))}) or use a multimodal "
+                         f"architecture ({multi})")
     metadata: dict[str, Any] = {"data": to_dict(run.data)}
     projector = None
     if run.align.steps:
@@ -168,7 +183,7 @@ def run_training(run: RunConfig, resume: bool = False,
             raise VlsaeError(f"the modalities have different widths ({widths}); enable the alignment stage "
                              "(align.steps > 0, or --align-steps) to project them into one space")
         d_in = distinct.pop()
-        sae_values = {"modalities": list(widths), **run.sae} if "modalities" in get_sae_class(run.arch).config_class.__dataclass_fields__ else dict(run.sae)
+        sae_values = {"modalities": list(widths), **run.sae}
     else:
         d_in = widths
         sae_values = dict(run.sae)
