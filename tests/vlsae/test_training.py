@@ -286,6 +286,14 @@ def test_resume_refuses_other_settings_and_damaged_checkpoints(tmp_path):
         train(topk(), TensorSource(x), quick(checkpoint_every=50), out_dir=out, resume=True)
 
 
+def test_a_kill_between_the_checkpoint_renames_still_resumes(tmp_path):
+    x = planted(n=3000)
+    _interrupted_run(x, tmp_path / "run")
+    (tmp_path / "run" / "checkpoint").rename(tmp_path / "run" / ".checkpoint.old")  # the state replace_dir can leave
+    result = train(topk(), TensorSource(x), quick(checkpoint_every=50), out_dir=tmp_path / "run", resume=True)
+    assert result.summary["steps"] == 200 and (tmp_path / "run" / "training.json").exists()
+
+
 def test_checkpoint_files_hold_no_pickle_and_every_rng(tmp_path):
     x = planted(n=3000)
     _interrupted_run(x, tmp_path / "run")

@@ -112,6 +112,7 @@ def check_out_dir(out_dir: str | Path | None, resume: bool) -> None:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise VlsaeError(f"--out {out} is a file; give a folder for the run")
+    _recover_checkpoint(out)
     finished = (out / TRAINING_JSON).exists()
     checkpoint = (out / CHECKPOINT_DIR).is_dir()
     if resume:
@@ -127,6 +128,15 @@ def check_out_dir(out_dir: str | Path | None, resume: bool) -> None:
         raise VlsaeError(f"{out} holds an interrupted run; pass --resume to continue it or choose another --out")
     if (out / WEIGHTS).exists() or (out / CONFIG).exists():
         raise VlsaeError(f"{out} already holds an SAE checkpoint; choose another --out (vlsae never overwrites one)")
+
+
+def _recover_checkpoint(out: Path) -> None:
+    """replace_dir renames the old checkpoint aside, then the new one into place; a
+    kill between the two renames leaves only ``.checkpoint.old``, a complete
+    checkpoint, which goes back into place here."""
+    old = out / f".{CHECKPOINT_DIR}.old"
+    if old.is_dir() and not (out / CHECKPOINT_DIR).exists() and not (out / TRAINING_JSON).exists():
+        old.rename(out / CHECKPOINT_DIR)
 
 
 def _all_finite(batch: Batch) -> torch.Tensor:
