@@ -229,9 +229,11 @@ def sign_accuracy(H_axes: torch.Tensor, Z: torch.Tensor, V_axes: torch.Tensor, D
     readout_sign_accuracy: the same with the readout sum_j z_j cos(u_a, d_j) over
     every latent with |cos| > ``threshold`` (fair to split dictionaries: a +/- pair
     of latents reads both signs); an axis with no such latent counts as wrong.
+    sign_accuracy_fired: sign_accuracy over the occurrences where the best latent
+    fires at all (separates "wrong sign" from "silent").
     """
     if V_axes.shape[0] == 0:
-        return {"sign_accuracy": float("nan"), "readout_sign_accuracy": float("nan")}
+        return {"sign_accuracy": float("nan"), "readout_sign_accuracy": float("nan"), "sign_accuracy_fired": float("nan")}
     c = cosine_matrix(V_axes, D)  # (n_axes, n_latents)
     best = c.abs().argmax(dim=1)
     single = Z[:, best] * c.gather(1, best[:, None]).squeeze(1)  # (n, n_axes)
@@ -239,11 +241,14 @@ def sign_accuracy(H_axes: torch.Tensor, Z: torch.Tensor, V_axes: torch.Tensor, D
     readout = Z.float() @ weights.t()  # (n, n_axes)
     active = H_axes != 0
     if not bool(active.any()):
-        return {"sign_accuracy": float("nan"), "readout_sign_accuracy": float("nan")}
+        return {"sign_accuracy": float("nan"), "readout_sign_accuracy": float("nan"), "sign_accuracy_fired": float("nan")}
     truth = torch.sign(H_axes[active])
+    got = torch.sign(single[active])
+    fired = got != 0
     return {
-        "sign_accuracy": float((torch.sign(single[active]) == truth).float().mean()),
+        "sign_accuracy": float((got == truth).float().mean()),
         "readout_sign_accuracy": float((torch.sign(readout[active]) == truth).float().mean()),
+        "sign_accuracy_fired": float((got[fired] == truth[fired]).float().mean()) if bool(fired.any()) else float("nan"),
     }
 
 

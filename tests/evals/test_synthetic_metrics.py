@@ -167,11 +167,12 @@ def test_sign_accuracy():
     H = (torch.rand(n, 4, generator=g) < 0.5) * signs * (0.5 + torch.rand(n, 4, generator=g))
     # a signed dictionary reading the codes exactly
     exact = M.sign_accuracy(H, H, axes, axes)
-    assert exact == {"sign_accuracy": 1.0, "readout_sign_accuracy": 1.0}
+    assert exact == {"sign_accuracy": 1.0, "readout_sign_accuracy": 1.0, "sign_accuracy_fired": 1.0}
     # a one-sided (ReLU) latent per axis: right on the positive pole only
     relu = M.sign_accuracy(H, H.clamp_min(0), axes, axes)
     frac_pos = float((H[H != 0] > 0).float().mean())
     assert math.isclose(relu["sign_accuracy"], frac_pos, abs_tol=1e-6)
+    assert relu["sign_accuracy_fired"] == 1.0  # wrong only by being silent
     # the split pair (+u, -u) with ReLU codes: readout gets every sign right
     D = torch.cat([axes, -axes])
     Z = torch.cat([H.clamp_min(0), (-H).clamp_min(0)], dim=1)
