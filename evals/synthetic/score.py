@@ -144,7 +144,7 @@ def _score_multimodal(data: PlantedData, Z: dict[str, torch.Tensor], recon: dict
         per[m] = scores
         for key, value in scores.items():
             out[f"{key}_{m}"] = value
-    for key in ("fvu", "l0", "mmcs", "frr_0.8", "frr_0.9", "mcc"):
+    for key in ("fvu", "l0", "mmcs", "mmcs_reverse", "frr_0.8", "frr_0.9", "mcc"):
         out[key] = sum(per[m][key] for m in per) / len(per)
     if one_sae:  # a latent is dead when it fires on neither modality
         fired = torch.stack([(Z[m] != 0).any(dim=0) for m in data.modalities]).any(dim=0)
