@@ -334,6 +334,20 @@ def _sibling_epsilon(group_size: int, target: float) -> float:
     return (lo + hi) / 2
 
 
+def offset_directions(directions: torch.Tensor, parent: list[int]) -> torch.Tensor:
+    """(n, d): each child's direction minus its projection on its parent's, normalised
+    (top-level features keep theirs). Because a child only fires with its parent,
+    the dictionary {parent, offset} explains the data with the same supports as
+    {parent, child}; SAEs often learn the offsets, so they are scored as well."""
+    out = directions.clone()
+    for i, p in enumerate(parent):
+        if p >= 0:
+            vp = directions[p]
+            r = directions[i] - (directions[i] @ vp) * vp
+            out[i] = r / r.norm().clamp_min(1e-12)
+    return out
+
+
 @_suite("hierarchical", presets=("A", "B"))
 def _hierarchical(gen: torch.Generator, *, n_train: int, n_test: int, preset: str, noise: float,
                   correlation: float = 0.0, depth: int = 3, branching: int = 4, d: int | None = None,
@@ -350,6 +364,8 @@ def _hierarchical(gen: torch.Generator, *, n_train: int, n_test: int, preset: st
     random, a child is ``normalise(v_parent + child_weight * u)`` with ``u`` a random
     unit vector orthogonal to ``v_parent`` (Park et al.: child - parent is orthogonal
     to parent); ``correlation`` does not apply.
+    meta["offset_directions"] holds each child's offset from its parent
+    (:func:`offset_directions`); in preset A they equal the directions.
     """
     if preset == "A":
         tree = mp_sae_tree()
@@ -397,6 +413,7 @@ def _hierarchical(gen: torch.Generator, *, n_train: int, n_test: int, preset: st
         "parent": torch.tensor(tree.parent), "level": torch.tensor(tree.level),
         "prob": torch.tensor(tree.prob), "groups": tree.groups(),
         "expected_l0": tree.expected_l0(), "correlation": float(correlation),
+        "offset_directions": offset_directions(directions, tree.parent),
     }
     return PlantedData("hierarchical", x_tr, x_te, z_tr, z_te, directions, meta)
 

@@ -52,7 +52,7 @@ PRESET_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("independent", "gba"): dict(k=12),
     ("independent", "heavy"): dict(n_latents=1024),
 }
-# Main metric of each suite: (key, higher is better). The leaderboard sorts by it.
+# Main metric of each suite: (key, higher is better). The leaderboard sorts by it, then by MCC.
 MAIN_METRIC: dict[str, tuple[str, bool]] = {
     "independent": ("frr_0.9", True),
     "hierarchical": ("mcc", True),
@@ -75,7 +75,7 @@ TABLE_COLUMNS: dict[str, list[tuple[str, str]]] = {
     "common": [("l0", "L0"), ("fvu", "FVU"), ("dead_fraction", "dead"), ("mmcs", "MMCS"),
                ("mmcs_reverse", "MMCS rev"), ("frr_0.8", "FRR.8"), ("frr_0.9", "FRR.9"), ("mcc", "MCC")],
     "independent": [("freq_match_error", "|log p/f|")],
-    "hierarchical": [("absorption_cos", "absorb cos"), ("absorption_rate", "absorb rate"),
+    "hierarchical": [("frr_0.9_offset", "FRR.9 offs"), ("absorption_cos", "absorb cos"), ("absorption_rate", "absorb rate"),
                      ("parent_silent_rate", "parent silent"), ("hier_mse", "hier MSE"), ("flat_mse", "flat MSE")],
     "bidirectional": [("axis_recovery", "axes rec"), ("split_rate", "split"), ("latents_per_axis", "lat/axis"),
                       ("sign_accuracy", "sign acc"), ("readout_sign_accuracy", "readout sign"),
@@ -276,7 +276,7 @@ def run_suite(suite: str, archs: list[str] | None = None, *, n_latents: int | No
                 _print_progress(row)
     rows = [runs[0] if seeds == 1 else aggregate_seeds(runs) for runs in per_arch.values()]
     key, higher = MAIN_METRIC[suite]
-    rows.sort(key=lambda r: _sort_value(r.get(key), higher))
+    rows.sort(key=lambda r: (_sort_value(r.get(key), higher), _sort_value(r.get("mcc"), True)))
     for rank, row in enumerate(rows, 1):
         row["rank"] = rank
     if show:

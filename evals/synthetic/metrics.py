@@ -121,18 +121,21 @@ def child_features(parent: torch.Tensor) -> torch.Tensor:
 
 
 def absorption_cos(V: torch.Tensor, D: torch.Tensor, parent: torch.Tensor, match: torch.Tensor | None = None,
-                   *, relative: bool = True, absolute: bool = False) -> float:
+                   *, relative: bool = True, absolute: bool = False, live: torch.Tensor | None = None) -> float:
     """MP-SAE's absorption score: mean over child features c of cos(matched latent of c,
     true direction of parent(c)); lower is better. With ``relative`` the true
     cos(v_c, v_parent) is subtracted, so a perfect dictionary scores 0 also when children
     lean on their parents (preset B); in preset A (orthogonal) both readings agree.
     A negative score means child atoms point away from their parent (the parent
     latent carries part of the child); ``absolute`` averages |excess cosine| so
-    both distortions count."""
+    both distortions count. ``live`` (n_latents,) bool: skip children matched to a
+    latent that never fires (its direction is a leftover, not a learned feature)."""
     if match is None:
         match = match_features(V, D)
     kids = child_features(parent)
     kids = kids[match[kids] >= 0]
+    if live is not None:
+        kids = kids[live[match[kids]]]
     if kids.numel() == 0:
         return float("nan")
     c_learned = cosine_matrix(V[parent[kids]], D[match[kids]]).diagonal()

@@ -108,8 +108,13 @@ def score_planted(data: PlantedData, Z: torch.Tensor | dict[str, torch.Tensor],
             out["l0_s_spearman"] = float(spearmanr(s_true.numpy(), l0.numpy()).statistic)
     elif suite == "hierarchical":
         parent, level = meta["parent"], meta["level"]
-        out["absorption_cos"] = M.absorption_cos(V, D, parent, match)
-        out["absorption_cos_abs"] = M.absorption_cos(V, D, parent, match, absolute=True)
+        live = (Z != 0).any(dim=0)
+        out["absorption_cos"] = M.absorption_cos(V, D, parent, match, live=live)
+        out["absorption_cos_abs"] = M.absorption_cos(V, D, parent, match, absolute=True, live=live)
+        offsets = meta.get("offset_directions")
+        if offsets is not None and not torch.allclose(offsets, V):
+            out["mmcs_offset"] = M.mmcs(offsets, D)
+            out["frr_0.9_offset"] = M.recovery_rate(offsets, D, 0.9)
         rates = M.absorption_rate(H, Z, parent, match)
         out["absorption_rate"] = rates["child_silent"]
         out["parent_silent_rate"] = rates["parent_silent"]

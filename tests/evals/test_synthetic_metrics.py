@@ -284,3 +284,30 @@ def test_signed_dictionary_scores_like_positive_one():
     s = score_planted(data, H * flip, H @ V_, V_ * flip[:, None])
     assert s["mmcs"] == pytest.approx(1.0, abs=1e-5) and s["mcc"] == pytest.approx(1.0, abs=1e-5)
     assert s["absorption_cos"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_absorption_skips_dead_latents():
+    absorbed = VH.clone()
+    absorbed[2] = unit(VH[2] + VH[0])
+    live = torch.tensor([True, True, False, True, True])  # child 2's latent never fires
+    assert M.absorption_cos(VH, absorbed, PARENT, torch.arange(5), live=live) == pytest.approx(0.0, abs=1e-6)
+    assert M.absorption_cos(VH, absorbed, PARENT, torch.arange(5)) == pytest.approx(2 ** -0.5 / 3, abs=1e-6)
+
+
+def test_offset_dictionary_scores_on_preset_b():
+    """Preset B: a dictionary of parent directions + child offsets (child minus parent part)
+    recovers every offset, and its children sit 1/sqrt2 below the true parent cosine.
+    (Only the directions matter here; the codes are a plausible stand-in.)"""
+    data = generate("hierarchical", preset="B", seed=0, n_train=10, n_test=2_000)
+    offsets = data.meta["offset_directions"]
+    parent = data.meta["parent"]
+    kids = parent >= 0
+    assert torch.allclose((offsets[kids] * data.directions[parent[kids]]).sum(1), torch.zeros(int(kids.sum())), atol=1e-5)
+    H = data.codes_test
+    Z = H.clone()  # offset codes: parent code absorbs the child's parent component
+    for c in kids.nonzero().squeeze(1).tolist():
+        Z[:, parent[c]] += H[:, c] * 2 ** -0.5
+        Z[:, c] = H[:, c] * 2 ** -0.5
+    s = score_planted(data, Z, H @ data.directions, offsets)
+    assert s["frr_0.9_offset"] == 1.0 and s["mmcs_offset"] == pytest.approx(1.0, abs=1e-5)
+    assert s["absorption_cos"] == pytest.approx(-(2 ** -0.5), abs=1e-4)
