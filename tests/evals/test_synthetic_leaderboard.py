@@ -131,3 +131,15 @@ def test_run_suite_seeds_aggregate():
     assert row["std"]["mcc"] == pytest.approx(abs(per[0] - per[1]) / math.sqrt(2))
     # each seed drew its own dictionary
     assert row["per_seed"][0]["mmcs"] != row["per_seed"][1]["mmcs"]
+
+
+@pytest.mark.slow
+def test_abstopk_keeps_axes_whole_topk_splits():
+    """AbsTopK's claim on the bidirectional suite at default sizes (measured: split 0.0
+    vs 0.63, latents per axis 1.0 vs 1.63 over seeds 0-2, sd < 0.01)."""
+    rows = {r["arch"]: r for r in run_suite("bidirectional", ["topk", "abstopk"], show=False)}
+    abs_, topk = rows["abstopk"], rows["topk"]
+    assert abs_["axis_recovery"] > 0.95 and abs_["split_rate"] < 0.05
+    assert abs(abs_["latents_per_axis"] - 1.0) < 0.1 and abs_["sign_accuracy_fired"] > 0.95
+    assert topk["split_rate"] > 0.3 and topk["latents_per_axis"] > 1.3
+    assert abs_["sign_accuracy"] > topk["sign_accuracy"] + 0.2

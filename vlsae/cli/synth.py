@@ -24,16 +24,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "multimodal shared|separate (default: the first)")
     parser.add_argument("--archs", default=None,
                         help="comma-separated architectures (default: every registered one that fits the suite)")
-    parser.add_argument("--latents", type=int, default=None, help="dictionary width for every arch (default: number of planted features)")
-    parser.add_argument("--k", type=int, default=None, help="L0 target: k of TopK-family archs, calibration target of penalty archs")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per SAE")
-    parser.add_argument("--batch-size", type=int, default=None, help="training batch size")
+    parser.add_argument("--latents", type=int, default=None, help="dictionary width for every arch (default: the number of planted features; "
+                             "bidirectional: 2 x axes + unipolar, room to split every axis)")
+    parser.add_argument("--k", type=int, default=None, help="L0 target: k of TopK-family archs, calibration target of penalty archs (default: "
+                             "hierarchical 2, preset B 3; independent 5, gba 12; bidirectional 6; multimodal 6)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per SAE (default 1500)")
+    parser.add_argument("--batch-size", type=int, default=None, help="training batch size (default 512)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the trainer's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and of every SAE")
     parser.add_argument("--seeds", type=int, default=1, help="repeat for seeds seed..seed+N-1 and report mean and sd")
     parser.add_argument("--noise", type=float, default=0.0, help="noise sigma added to the activations")
-    parser.add_argument("--n-train", type=int, default=None, help="training rows to draw")
-    parser.add_argument("--n-test", type=int, default=None, help="test rows to draw")
+    parser.add_argument("--n-train", type=int, default=None, help="training rows to draw (default 20000)")
+    parser.add_argument("--n-test", type=int, default=None, help="test rows to draw (default 5000)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="suite option, e.g. correlation=0.3, spectrum=zipf, p_plus=0.8, rho=0.6 (repeatable)")
     parser.add_argument("--sae-option", action="append", default=[], metavar="ARCH.KEY=VALUE",
