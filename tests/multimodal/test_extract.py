@@ -126,3 +126,82 @@ def test_drop_first_pairs_reindexes(clip):
     assert dropped.keys == [PAIRS[3]["key"]]
     assert dropped.pair_index["text"].unique().tolist() == [0]
     torch.testing.assert_close(dropped["text"], batch["text"][batch.pair_index["text"] == 3])
+
+
+# -- the CLI on ShapesWorld shards ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from multimodal.shapesworld import ShapesWorldConfig, write_world
+
+    out = tmp_path_factory.mktemp("world")
+    summary = write_world(ShapesWorldConfig(image_size=32), out, n=24, shard_size=10, progress=False)
+    return summary["pattern"]
+
+
+def saved_spec(clip, folder):
+    """A spec that rebuilds exactly ``clip`` in another process (its weights saved as safetensors)."""
+    from safetensors.torch import save_file
+
+    weights = folder / "tiny-clip.safetensors"
+    save_file({k: v.contiguous() for k, v in clip.model.state_dict().items()}, str(weights))
+    return f"open_clip:{clip.spec.split(':')[1]}:{weights}"
+
+
+def test_cli_extract_on_world_shards(clip, world, tmp_path, capsys):
+    from multimodal.pairs import iter_pairs
+    from vlsae.cli import main
+
+    spec = saved_spec(clip, tmp_path)
+    args = ["extract", "--model", spec, "--data", world, "--out", str(tmp_path / "acts"), "--batch-size", "8",
+            "--shard-rows", "10", "--no-progress", "--device", "cpu"]
+    assert main(args) == 0
+    assert "24 pairs" in capsys.readouterr().out
+    cache = ActivationCache(tmp_path / "acts")
+    records = list(iter_pairs(world))
+    assert cache.keys() == [r.key for r in records]
+    torch.testing.assert_close(cache.read_all()["text"][:8], clip.extract(records[:8])["text"])
+    assert main(args) == 2
+    assert "already complete" in capsys.readouterr().err
+    assert main(["extract", "--model", clip.spec, "--data", world, "--out", str(tmp_path / "b"), "--hook", "text.blocks.5"]) == 2
+    assert "valid hook points" in capsys.readouterr().err
+    assert main(["extract", "--model", clip.spec, "--out", str(tmp_path / "c")]) == 2
+    assert "no --data" in capsys.readouterr().err
+    assert main(["extract", "--model", clip.spec, "--list-hooks"]) == 0
+    assert "visual.blocks.1" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_killed_cli_extraction_resumes_to_the_same_cache(clip, tmp_path):
+    """SIGKILL a real `vlsae extract` process mid-way, rerun it, compare with an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from multimodal.shapesworld import ShapesWorldConfig, write_world
+
+    pattern = write_world(ShapesWorldConfig(image_size=32), tmp_path / "world", n=1500, shard_size=500, progress=False)["pattern"]
+
+    spec = saved_spec(clip, tmp_path)
+
+    def command(out):
+        return [sys.executable, "-m", "vlsae", "extract", "--model", spec, "--data", pattern, "--out", str(out),
+                "--batch-size", "1", "--shard-rows", "100", "--workers", "1", "--no-progress", "--device", "cpu"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = tmp_path / "killed" / "manifest.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if manifest.is_file() and len(json.loads(manifest.read_text())["shards"]) >= 2:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    partial = json.loads(manifest.read_text())
+    assert not partial["complete"] and 0 < partial["n_pairs"] < 1500
+    subprocess.run(command(tmp_path / "killed"), env=env, check=True, capture_output=True)
+    subprocess.run(command(tmp_path / "straight"), env=env, check=True, capture_output=True)
+    assert_same_cache(tmp_path / "straight", tmp_path / "killed")

@@ -1,0 +1,354 @@
+"""``shapes-clip``: a small open_clip CLIP trained contrastively on ShapesWorld.
+
+The model is a real ``open_clip.CLIP`` built from a custom config registered
+with ``open_clip.add_model_config`` (a small ViT for 64x64 images and a small
+causal text transformer with open_clip's own offline BPE tokenizer). It is
+trained from scratch with a symmetric InfoNCE loss in which pairs with the same
+caption in a batch count as positives of each other (ShapesWorld captions
+repeat), on pairs rendered in memory from a seeded ShapesWorld. The folder it
+is saved in loads with open_clip's own path,
+``create_model_and_transforms("shapes-clip", pretrained=".../open_clip_model.safetensors")``,
+and also as ``open_clip:local-dir:FOLDER``.
+
+Evaluation (:func:`zero_shot_accuracy`): zero-shot classification of every
+planted attribute (shape, colour, size, position) on held-out pairs (indices
+the training never saw). The class embedding of an attribute value averages
+the normalised text embeddings of every vocabulary caption with that value
+(the other attributes act as prompt templates, as open_clip ensembles its 80
+ImageNet templates); the prediction is the value whose class embedding is most
+cosine-similar to the image embedding.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import Tensor
+
+from vlsae.config import from_dict, option, to_dict
+from vlsae.errors import VlsaeError
+
+from multimodal.zoo import REPORT, ZooModel, register_zoo_model
+
+ARCH = "shapes-clip"
+WEIGHTS = "open_clip_model.safetensors"
+CONFIG_FILE = f"{ARCH}.json"
+MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's defaults: the model's preprocess uses them
+STD = (0.26862954, 0.26130258, 0.27577711)
+EVAL_OFFSET = 10_000_000  # held-out pairs are ShapesWorld indices from here on
+
+
+@dataclass
+class ShapesClipConfig:
+    """Training settings of shapes-clip (``vlsae zoo train shapes-clip --set key=value``)."""
+
+    seed: int = option(0, help="seed of the model init, the batch order and the ShapesWorld pairs")
+    steps: int = option(1200, help="optimizer steps")
+    batch_size: int = option(128, help="pairs per contrastive batch")
+    lr: float = option(1e-3, help="peak AdamW learning rate (linear warm-up, cosine decay)")
+    warmup: int = option(100, help="warm-up steps")
+    weight_decay: float = option(0.1, help="AdamW weight decay on matrices")
+    n_train: int = option(20_000, help="distinct ShapesWorld pairs rendered for training")
+    n_eval: int = option(1_000, help="held-out pairs for the zero-shot evaluation")
+    embed_dim: int = option(128, help="joint embedding width")
+    patch_size: int = option(8, help="ViT patch size (64x64 images)")
+    vision_width: int = option(128, help="vision transformer width")
+    vision_layers: int = option(4, help="vision transformer blocks")
+    text_width: int = option(128, help="text transformer width")
+    text_layers: int = option(3, help="text transformer blocks")
+    heads: int = option(4, help="attention heads in both towers")
+    context_length: int = option(48, help="text tokens per caption (open_clip tokenizer; longer ones are truncated)")
+    world: dict = option(None, factory=dict, help="ShapesWorldConfig overrides for the training pairs")
+    threads: int = option(0, help="torch CPU threads while training (0: leave torch's setting)")
+
+
+def model_config(cfg: ShapesClipConfig, image_size: int) -> dict[str, Any]:
+    """The open_clip model config (what ``add_model_config`` registers)."""
+    return {
+        "embed_dim": cfg.embed_dim,
+        "vision_cfg": {"image_size": image_size, "layers": cfg.vision_layers, "width": cfg.vision_width,
+                       "patch_size": cfg.patch_size, "head_width": cfg.vision_width // cfg.heads},
+        "text_cfg": {"context_length": cfg.context_length, "vocab_size": 49408, "width": cfg.text_width,
+                     "heads": cfg.heads, "layers": cfg.text_layers},
+    }
+
+
+def register_config(folder: Path) -> None:
+    """Register ``folder/shapes-clip.json`` with open_clip under the name ``shapes-clip``."""
+    import open_clip
+
+    open_clip.add_model_config(Path(folder) / CONFIG_FILE)
+
+
+# -- data ---------------------------------------------------------------------------
+
+def _world_config(overrides: dict[str, Any]):
+    from multimodal.shapesworld import ShapesWorldConfig
+
+    return from_dict(ShapesWorldConfig, overrides, where="shapes-clip world")
+
+
+def _render(world, indices) -> tuple[Tensor, list[str], list[dict]]:
+    """uint8 images (n, 3, H, W), captions and metadata of ShapesWorld pairs."""
+    import numpy as np
+
+    from multimodal.shapesworld import render_sample
+
+    images, captions, metas = [], [], []
+    for index in indices:
+        sample = render_sample(world, int(index))
+        images.append(torch.from_numpy(np.asarray(sample.image.convert("RGB"), dtype=np.uint8).copy()))
+        captions.append(sample.caption)
+        metas.append(sample.meta)
+    return torch.stack(images).permute(0, 3, 1, 2).contiguous(), captions, metas
+
+
+def normalise(images: Tensor) -> Tensor:
+    """uint8 (n, 3, H, W) -> the float tensor open_clip's preprocess gives for same-size images."""
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+# -- training -----------------------------------------------------------------------
+
+def contrastive_loss(image: Tensor, text: Tensor, ids: Tensor, logit_scale: Tensor) -> Tensor:
+    """Symmetric InfoNCE; rows with identical token ids are positives of each other.
+
+    image, text: (batch, dim) normalised embeddings; ids: (batch, context) token ids.
+    """
+    logits = logit_scale.exp() * image @ text.T
+    same = (ids.unsqueeze(1) == ids.unsqueeze(0)).all(dim=-1).float()
+    targets = same / same.sum(dim=1, keepdim=True)
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+
+
+def _lr_at(step: int, cfg: ShapesClipConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_shapes_clip(out_dir: Path, cfg: ShapesClipConfig, progress: bool = True) -> dict[str, Any]:
+    """Train into ``out_dir``; returns the report (settings, loss curve, zero-shot accuracy)."""
+    import open_clip
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    world = _world_config(cfg.world)
+    started = time.perf_counter()
+    images, captions, _ = _render(world, range(cfg.n_train))
+    render_seconds = time.perf_counter() - started
+    image_size = int(images.shape[-1])
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arch = model_config(cfg, image_size)
+    (out_dir / CONFIG_FILE).write_text(json.dumps(arch, indent=1))
+    preprocess_cfg = {"size": image_size, "mean": list(MEAN), "std": list(STD)}
+    (out_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": arch, "preprocess_cfg": preprocess_cfg}, indent=1))
+    register_config(out_dir)
+
+    torch.manual_seed(cfg.seed)
+    model = open_clip.create_model(ARCH)
+    tokenizer = open_clip.get_tokenizer(ARCH)
+    ids = tokenizer(captions)
+    truncated = int((ids[:, -1] != 0).sum())  # open_clip truncates long captions, keeping the end token
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embedding" in n]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    losses: list[float] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, desc="train shapes-clip", unit="step", leave=False, disable=None)
+    train_started = time.perf_counter()
+    order = torch.randperm(cfg.n_train, generator=generator)
+    cursor = 0
+    for step in range(cfg.steps):
+        if cursor + cfg.batch_size > cfg.n_train:
+            order, cursor = torch.randperm(cfg.n_train, generator=generator), 0
+        batch = order[cursor: cursor + cfg.batch_size]
+        cursor += cfg.batch_size
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        image_emb = model.encode_image(normalise(images[batch]), normalize=True)
+        text_emb = model.encode_text(ids[batch], normalize=True)
+        loss = contrastive_loss(image_emb, text_emb, ids[batch], model.logit_scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        losses.append(loss.item())
+        if bar is not None:
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    if bar is not None:
+        bar.close()
+    train_seconds = time.perf_counter() - train_started
+    model.eval()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out_dir / WEIGHTS), metadata={"arch": ARCH, "format": "open_clip"})
+
+    accuracy = zero_shot_accuracy(model, tokenizer, world, range(EVAL_OFFSET, EVAL_OFFSET + cfg.n_eval))
+    window = max(1, cfg.steps // 20)
+    return {
+        "config": to_dict(cfg),
+        "world": to_dict(world),
+        "model_config": arch,
+        "metrics": {"zero_shot": accuracy, "final_loss": sum(losses[-window:]) / window,
+                    "first_loss": sum(losses[:window]) / window, "truncated_captions": truncated},
+        "loss_curve": [round(sum(losses[i: i + window]) / len(losses[i: i + window]), 4)
+                       for i in range(0, len(losses), window)],
+        "timing": {"render_s": round(render_seconds, 1), "train_s": round(train_seconds, 1),
+                   "threads": torch.get_num_threads()},
+        "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__},
+    }
+
+
+# -- zero-shot evaluation -----------------------------------------------------------
+
+ZERO_SHOT_ATTRIBUTES = ("shape", "colour", "size", "position")
+
+
+def object_descriptions() -> list[tuple[dict[str, str], str]]:
+    """Every single-object caption the vocabulary can say with all four attributes named
+    (each synonym and position phrase), with the attribute values it names."""
+    from multimodal.shapesworld import POSITION_PHRASES, SYNONYMS, vocabulary
+
+    vocab = vocabulary()
+    out = []
+    for shape, colour, size, position in itertools.product(vocab["shape"], vocab["colour"], vocab["size"], vocab["position"]):
+        for size_word, shape_word, where in itertools.product(SYNONYMS.get(size, (size,)), SYNONYMS.get(shape, (shape,)),
+                                                              POSITION_PHRASES[position]):
+            text = f"{size_word} {colour} {shape_word} {where}"
+            article = "an" if text[0] in "aeiou" else "a"
+            out.append(({"shape": shape, "colour": colour, "size": size, "position": position}, f"{article} {text}"))
+    return out
+
+
+_TOKENS: dict[tuple[str, int], Tensor] = {}
+
+
+def _description_tokens(tokenizer) -> Tensor:
+    """Token ids of :func:`object_descriptions` (tokenising ~9k texts takes seconds: done once per process)."""
+    key = (type(tokenizer).__name__, int(getattr(tokenizer, "context_length", 0)))
+    if key not in _TOKENS:
+        _TOKENS[key] = tokenizer([text for _, text in object_descriptions()])
+    return _TOKENS[key]
+
+
+def eval_world(world):
+    """The held-out split: single-object scenes (one label per attribute), no caption noise."""
+    from multimodal.shapesworld import ShapesWorldConfig
+
+    return ShapesWorldConfig(**{**to_dict(world), "min_objects": 1, "max_objects": 1, "noise": 0.0,
+                                "holdout_only": False, "holdout": ()})
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model, tokenizer, world, indices, batch_size: int = 256) -> dict[str, dict[str, float]]:
+    """attribute -> {accuracy, chance, classes, n}: zero-shot classification of each attribute
+    of single-object held-out scenes (``eval_world(world)``, records ``indices``).
+
+    Class embedding of value v = the renormalised mean of the normalised text
+    embeddings of every full description naming v (:func:`object_descriptions`);
+    prediction = the most cosine-similar class. ``chance`` is the majority-class rate.
+    """
+    from multimodal.shapesworld import vocabulary
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    images, _, metas = _render(eval_world(world), indices)
+    image_emb = torch.cat([model.encode_image(normalise(images[i: i + batch_size]).to(device), normalize=True)
+                           for i in range(0, images.shape[0], batch_size)])
+    described = object_descriptions()
+    ids = _description_tokens(tokenizer)
+    text_emb = torch.cat([model.encode_text(ids[i: i + batch_size].to(device), normalize=True)
+                          for i in range(0, ids.shape[0], batch_size)])
+    vocab = vocabulary()
+    results: dict[str, dict[str, float]] = {}
+    for attribute in ZERO_SHOT_ATTRIBUTES:
+        values = list(vocab[attribute])
+        labels = torch.tensor([values.index(values_of[attribute]) for values_of, _ in described])
+        classes = torch.zeros(len(values), text_emb.shape[1], device=device).index_add_(0, labels.to(device), text_emb)
+        predicted = (image_emb @ F.normalize(classes, dim=1).T).argmax(dim=1).cpu()
+        truth = torch.tensor([values.index(meta["objects"][0][attribute]) for meta in metas])
+        counts = torch.bincount(truth, minlength=len(values))
+        results[attribute] = {"accuracy": float((predicted == truth).float().mean()),
+                              "chance": float(counts.max()) / len(truth), "classes": len(values), "n": len(truth)}
+    model.train(was_training)
+    return results
+
+
+# -- the zoo entry --------------------------------------------------------------------
+
+@dataclass
+class LoadedClip:
+    """A trained shapes-clip: the open_clip model, its image transform and tokenizer."""
+
+    model: Any
+    preprocess: Any
+    tokenizer: Any
+    weights: Path
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+@register_zoo_model(ARCH)
+class ShapesClip(ZooModel):
+    summary = "small open_clip CLIP (ViT 64x64 + text transformer) trained contrastively on ShapesWorld"
+    files = (WEIGHTS, CONFIG_FILE, "open_clip_config.json")
+
+    @classmethod
+    def train(cls, out_dir: Path, overrides: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+        cfg = from_dict(ShapesClipConfig, overrides, where="shapes-clip training config")
+        return train_shapes_clip(out_dir, cfg, progress=progress)
+
+    @classmethod
+    def load(cls, folder: Path, device: Any = "cpu") -> LoadedClip:
+        import open_clip
+
+        folder = Path(folder)
+        for name in cls.files:
+            if not (folder / name).is_file():
+                raise VlsaeError(f"{folder} is not a trained shapes-clip ({name} missing); run vlsae zoo train shapes-clip")
+        register_config(folder)
+        model, _, preprocess = open_clip.create_model_and_transforms(ARCH, pretrained=str(folder / WEIGHTS), device=device)
+        model.eval()
+        report = json.loads((folder / REPORT).read_text()) if (folder / REPORT).is_file() else {}
+        return LoadedClip(model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(ARCH),
+                          weights=folder / WEIGHTS, report=report)
+
+    @classmethod
+    def evaluate(cls, folder: Path, device: Any = "cpu") -> dict[str, Any]:
+        loaded = cls.load(folder, device=device)
+        cfg = from_dict(ShapesClipConfig, loaded.report.get("config", {}), where="shapes-clip training config")
+        world = _world_config(cfg.world)
+        return {"zero_shot": zero_shot_accuracy(loaded.model, loaded.tokenizer, world,
+                                                range(EVAL_OFFSET, EVAL_OFFSET + cfg.n_eval))}
+
+    @classmethod
+    def describe_report(cls, report: dict[str, Any]) -> str:
+        metrics = report.get("metrics", {})
+        lines = ["zero-shot attribute accuracy on held-out ShapesWorld pairs:"]
+        for attribute, r in metrics.get("zero_shot", {}).items():
+            lines.append(f"  {attribute:<10} {r['accuracy']:6.1%}   (chance {r['chance']:.1%}, {r['classes']} classes, n={r['n']})")
+        if "final_loss" in metrics:
+            lines.append(f"contrastive loss {metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f}")
+        return "\n".join(lines)
