@@ -214,3 +214,27 @@ def test_unfinished_cache_resumes_and_refuses_other_settings(tmp_path):
     a, b = ActivationCache(path), ActivationCache(tmp_path / "straight")
     assert a.keys() == b.keys()
     assert torch.equal(a.read_all()["image"], b.read_all()["image"])
+
+
+def test_the_trainer_consumes_the_cache(tmp_path):
+    """Paired cache -> VL-SAE and one-modality cache -> TopK through vlsae.training.train."""
+    from vlsae.saes import create_sae
+    from vlsae.training import ActivationSource, TrainConfig, train
+
+    g = torch.Generator().manual_seed(0)
+    writer = ActivationWriter(tmp_path / "acts", {"source": "t"}, ["image", "text"], {"image": 8, "text": 8},
+                              torch.float32, shard_rows=64)
+    for lo in range(0, 256, 32):
+        writer.add(Extracted(keys=[f"k{i}" for i in range(lo, lo + 32)],
+                             acts={"image": torch.randn(32, 8, generator=g), "text": torch.randn(32, 8, generator=g)},
+                             pair_index={"image": torch.arange(32), "text": torch.arange(32)}))
+    writer.close()
+    cache = ActivationCache(tmp_path / "acts", buffer_rows=100)
+    assert isinstance(cache, ActivationSource)
+    config = TrainConfig(steps=20, batch_size=32, init_rows=128, eval_rows=128, checkpoint_every=0, log_every=10,
+                         tensorboard=False, progress=False, device="cpu")
+    paired = train(create_sae("vl", d_in=8, n_latents=32, k=4), cache, config)
+    assert paired.summary["steps"] == 20 and paired.summary["fvu"] == paired.summary["fvu"]
+    single = train(create_sae("topk", d_in=8, n_latents=32, k=4), ActivationCache(tmp_path / "acts", modality="text"),
+                   config)
+    assert single.summary["steps"] == 20
