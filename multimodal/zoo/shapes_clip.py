@@ -11,12 +11,11 @@ is saved in loads with open_clip's own path,
 and also as ``open_clip:local-dir:FOLDER``.
 
 Evaluation (:func:`zero_shot_accuracy`): zero-shot classification of every
-planted attribute (shape, colour, size, position) on held-out pairs (indices
-the training never saw). The class embedding of an attribute value averages
-the normalised text embeddings of every vocabulary caption with that value
-(the other attributes act as prompt templates, as open_clip ensembles its 80
-ImageNet templates); the prediction is the value whose class embedding is most
-cosine-similar to the image embedding.
+planted attribute (shape, colour, size, position) on held-out single-object
+scenes (ShapesWorld indices the training never saw). The prompts are every
+single-object description the ShapesWorld vocabulary can say; the probability
+of an attribute value is CLIP's softmax probability summed over the
+descriptions that name it (the other attributes are marginalised out).
 """
 from __future__ import annotations
 
@@ -45,29 +44,39 @@ CONFIG_FILE = f"{ARCH}.json"
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's defaults: the model's preprocess uses them
 STD = (0.26862954, 0.26130258, 0.27577711)
 EVAL_OFFSET = 10_000_000  # held-out pairs are ShapesWorld indices from here on
+SINGLE_OFFSET = 5_000_000  # the single-object training pairs (hard-negative groups) start here
+# Captions that always name size and position: with ShapesWorld's default mention rates (0.6, 0.5) a
+# contrastive batch is told apart by colour and shape alone and position is barely learnt.
+TRAIN_WORLD = {"mention_size": 1.0, "mention_position": 1.0}
+ZERO_SHOT_ATTRIBUTES = ("shape", "colour", "size", "position")
 
 
 @dataclass
 class ShapesClipConfig:
     """Training settings of shapes-clip (``vlsae zoo train shapes-clip --set key=value``)."""
 
-    seed: int = option(0, help="seed of the model init, the batch order and the ShapesWorld pairs")
-    steps: int = option(1200, help="optimizer steps")
-    batch_size: int = option(128, help="pairs per contrastive batch")
-    lr: float = option(1e-3, help="peak AdamW learning rate (linear warm-up, cosine decay)")
-    warmup: int = option(100, help="warm-up steps")
+    seed: int = option(0, help="seed of the model init and the batch order (the pairs' seed is world.seed)")
+    steps: int = option(600, help="optimizer steps")
+    batch_size: int = option(256, help="pairs per contrastive batch")
+    lr: float = option(2e-3, help="peak AdamW learning rate (linear warm-up, cosine decay)")
+    warmup: int = option(60, help="warm-up steps")
     weight_decay: float = option(0.1, help="AdamW weight decay on matrices")
-    n_train: int = option(20_000, help="distinct ShapesWorld pairs rendered for training")
-    n_eval: int = option(1_000, help="held-out pairs for the zero-shot evaluation")
+    n_train: int = option(20_000, help="distinct ShapesWorld pairs (1-3 objects) rendered for training")
+    n_single: int = option(20_000, help="distinct single-object pairs rendered for the hard-negative groups")
+    hard_fraction: float = option(0.5, help="fraction of each batch made of hard-negative groups: single-object "
+                                            "pairs that agree on every attribute but one")
+    group_size: int = option(8, help="pairs per hard-negative group")
+    n_eval: int = option(1_000, help="held-out single-object pairs for the zero-shot evaluation")
     embed_dim: int = option(128, help="joint embedding width")
-    patch_size: int = option(8, help="ViT patch size (64x64 images)")
+    patch_size: int = option(16, help="ViT patch size (64x64 images)")
     vision_width: int = option(128, help="vision transformer width")
     vision_layers: int = option(4, help="vision transformer blocks")
     text_width: int = option(128, help="text transformer width")
     text_layers: int = option(3, help="text transformer blocks")
     heads: int = option(4, help="attention heads in both towers")
     context_length: int = option(48, help="text tokens per caption (open_clip tokenizer; longer ones are truncated)")
-    world: dict = option(None, factory=dict, help="ShapesWorldConfig overrides for the training pairs")
+    world: dict = option(None, factory=lambda: dict(TRAIN_WORLD),
+                         help="ShapesWorldConfig overrides for the training pairs (default: captions name every size and position)")
     threads: int = option(0, help="torch CPU threads while training (0: leave torch's setting)")
 
 
@@ -119,6 +128,41 @@ def normalise(images: Tensor) -> Tensor:
     return (images.float() / 255.0 - mean) / std
 
 
+def single_world(world):
+    """The training world restricted to single-object scenes (for hard-negative groups)."""
+    from multimodal.shapesworld import ShapesWorldConfig
+
+    return ShapesWorldConfig(**{**to_dict(world), "min_objects": 1, "max_objects": 1})
+
+
+def hard_negative_groups(metas: list[dict], offset: int = 0, min_size: int = 2) -> list[list[Tensor]]:
+    """For each attribute, groups of single-object pairs that agree on the other attributes.
+
+    Returns one list per attribute (shape, colour, size, position) of index
+    tensors (indices + ``offset``). A batch built from such groups can only be
+    solved by reading the attribute that varies, which random batches of
+    ShapesWorld, told apart by colour alone, rarely demand.
+    """
+    out: list[list[Tensor]] = []
+    for varying in ZERO_SHOT_ATTRIBUTES:
+        buckets: dict[tuple, list[int]] = {}
+        for i, meta in enumerate(metas):
+            obj = meta["objects"][0]
+            buckets.setdefault(tuple(obj[a] for a in ZERO_SHOT_ATTRIBUTES if a != varying), []).append(i + offset)
+        out.append([torch.tensor(v) for v in buckets.values() if len(v) >= min_size])
+    return out
+
+
+def sample_groups(groups: list[list[Tensor]], n_groups: int, size: int, generator: torch.Generator) -> Tensor:
+    """Indices of ``n_groups`` hard-negative groups (attribute, then group, then members drawn at random)."""
+    picked = []
+    for _ in range(n_groups):
+        by_attribute = groups[int(torch.randint(len(groups), (1,), generator=generator))]
+        group = by_attribute[int(torch.randint(len(by_attribute), (1,), generator=generator))]
+        picked.append(group[torch.randperm(group.numel(), generator=generator)[:size]])
+    return torch.cat(picked)
+
+
 # -- training -----------------------------------------------------------------------
 
 def contrastive_loss(image: Tensor, text: Tensor, ids: Tensor, logit_scale: Tensor) -> Tensor:
@@ -148,6 +192,12 @@ def train_shapes_clip(out_dir: Path, cfg: ShapesClipConfig, progress: bool = Tru
     world = _world_config(cfg.world)
     started = time.perf_counter()
     images, captions, _ = _render(world, range(cfg.n_train))
+    n_hard = int(round(cfg.batch_size * cfg.hard_fraction)) // cfg.group_size * cfg.group_size
+    groups: list[list[Tensor]] = []
+    if n_hard:
+        single, single_captions, single_metas = _render(single_world(world), range(SINGLE_OFFSET, SINGLE_OFFSET + cfg.n_single))
+        images, captions = torch.cat([images, single]), captions + single_captions
+        groups = hard_negative_groups(single_metas, offset=cfg.n_train, min_size=2)
     render_seconds = time.perf_counter() - started
     image_size = int(images.shape[-1])
 
@@ -179,10 +229,13 @@ def train_shapes_clip(out_dir: Path, cfg: ShapesClipConfig, progress: bool = Tru
     order = torch.randperm(cfg.n_train, generator=generator)
     cursor = 0
     for step in range(cfg.steps):
-        if cursor + cfg.batch_size > cfg.n_train:
+        n_random = cfg.batch_size - n_hard
+        if cursor + n_random > cfg.n_train:
             order, cursor = torch.randperm(cfg.n_train, generator=generator), 0
-        batch = order[cursor: cursor + cfg.batch_size]
-        cursor += cfg.batch_size
+        batch = order[cursor: cursor + n_random]
+        cursor += n_random
+        if n_hard:
+            batch = torch.cat([batch, sample_groups(groups, n_hard // cfg.group_size, cfg.group_size, generator)])
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)
         image_emb = model.encode_image(normalise(images[batch]), normalize=True)
@@ -222,9 +275,6 @@ def train_shapes_clip(out_dir: Path, cfg: ShapesClipConfig, progress: bool = Tru
 
 
 # -- zero-shot evaluation -----------------------------------------------------------
-
-ZERO_SHOT_ATTRIBUTES = ("shape", "colour", "size", "position")
-
 
 def object_descriptions() -> list[tuple[dict[str, str], str]]:
     """Every single-object caption the vocabulary can say with all four attributes named
@@ -266,9 +316,13 @@ def zero_shot_accuracy(model, tokenizer, world, indices, batch_size: int = 256) 
     """attribute -> {accuracy, chance, classes, n}: zero-shot classification of each attribute
     of single-object held-out scenes (``eval_world(world)``, records ``indices``).
 
-    Class embedding of value v = the renormalised mean of the normalised text
-    embeddings of every full description naming v (:func:`object_descriptions`);
-    prediction = the most cosine-similar class. ``chance`` is the majority-class rate.
+    The prompts are every full single-object description the ShapesWorld
+    vocabulary can say (:func:`object_descriptions`: all shapes, colours, sizes,
+    positions, synonyms and position phrases). CLIP's softmax over them, at the
+    model's own logit scale, gives a probability per description; the
+    probability of an attribute value is the sum over the descriptions naming
+    it (the other attributes are marginalised out), and the prediction is the
+    most probable value. ``chance`` is the majority-class rate.
     """
     from multimodal.shapesworld import vocabulary
 
@@ -282,13 +336,14 @@ def zero_shot_accuracy(model, tokenizer, world, indices, batch_size: int = 256) 
     ids = _description_tokens(tokenizer)
     text_emb = torch.cat([model.encode_text(ids[i: i + batch_size].to(device), normalize=True)
                           for i in range(0, ids.shape[0], batch_size)])
+    log_probs = torch.log_softmax(model.logit_scale.exp() * image_emb @ text_emb.T, dim=1).cpu()
     vocab = vocabulary()
     results: dict[str, dict[str, float]] = {}
     for attribute in ZERO_SHOT_ATTRIBUTES:
         values = list(vocab[attribute])
         labels = torch.tensor([values.index(values_of[attribute]) for values_of, _ in described])
-        classes = torch.zeros(len(values), text_emb.shape[1], device=device).index_add_(0, labels.to(device), text_emb)
-        predicted = (image_emb @ F.normalize(classes, dim=1).T).argmax(dim=1).cpu()
+        scores = torch.stack([torch.logsumexp(log_probs[:, labels == v], dim=1) for v in range(len(values))], dim=1)
+        predicted = scores.argmax(dim=1)
         truth = torch.tensor([values.index(meta["objects"][0][attribute]) for meta in metas])
         counts = torch.bincount(truth, minlength=len(values))
         results[attribute] = {"accuracy": float((predicted == truth).float().mean()),

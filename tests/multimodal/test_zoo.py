@@ -10,10 +10,12 @@ from vlsae.cli import main
 from vlsae.errors import VlsaeError
 
 from multimodal import zoo
-from multimodal.zoo.shapes_clip import contrastive_loss, normalise, object_descriptions
+from multimodal.zoo.shapes_clip import (contrastive_loss, hard_negative_groups, normalise, object_descriptions,
+                                        sample_groups)
 
 TINY = {"steps": 3, "batch_size": 16, "n_train": 48, "n_eval": 30, "embed_dim": 16, "vision_width": 16,
-        "vision_layers": 1, "text_width": 16, "text_layers": 1, "heads": 2, "patch_size": 16, "warmup": 1}
+        "vision_layers": 1, "text_width": 16, "text_layers": 1, "heads": 2, "patch_size": 16, "warmup": 1,
+        "n_single": 64, "group_size": 4}
 
 
 @pytest.fixture()
@@ -124,6 +126,25 @@ def test_prompt_ensemble_covers_the_vocabulary():
     for attribute in ("shape", "colour", "size", "position"):
         assert {values[attribute] for values, _ in described} == set(vocab[attribute])
     assert any(text == "a big red plus sign in the center" for _, text in described)
+
+
+def test_hard_negative_groups_vary_exactly_one_attribute():
+    attributes = ("shape", "colour", "size", "position")
+    metas = [{"objects": [{"shape": s, "colour": c, "size": "big", "position": "center"}]}
+             for s in ("circle", "star") for c in ("red", "blue", "red")]
+    groups = hard_negative_groups(metas, offset=100, min_size=2)
+    assert len(groups) == 4
+    for varying, by_attribute in zip(attributes, groups):
+        for group in by_attribute:
+            objs = [metas[int(i) - 100]["objects"][0] for i in group]
+            for other in attributes:
+                if other != varying:
+                    assert len({o[other] for o in objs}) == 1, (varying, other)
+    assert [len(g) for g in groups[0]] == [4, 2]  # shape varies: the four red objects, the two blue ones
+    assert [len(g) for g in groups[1]] == [3, 3]  # colour varies within each shape
+    assert groups[2] == [] or all(len(g) >= 2 for g in groups[2])
+    picked = sample_groups([g for g in groups if g], 3, 2, torch.Generator().manual_seed(0))
+    assert picked.shape == (6,) and int(picked.min()) >= 100
 
 
 @pytest.mark.slow
