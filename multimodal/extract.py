@@ -250,7 +250,9 @@ def extract(config: ExtractConfig, adapter: Adapter | None = None) -> ExtractRes
         adapter = create_adapter(config.model, device=config.device, dtype=config.dtype)
     from multimodal.pairs import iter_pairs
 
-    return extract_pairs(adapter, iter_pairs(config.data), config.out, hook=config.hook, tokens=config.tokens,
+    # a text-only hook reads caption-only shards too (prompt lists for diffusion text encoders)
+    records = iter_pairs(config.data, require_image="image" in adapter.parse_hook(config.hook))
+    return extract_pairs(adapter, records, config.out, hook=config.hook, tokens=config.tokens,
                          batch_size=config.batch_size, shard_rows=config.shard_rows, limit=config.limit,
                          overwrite=config.overwrite, workers=config.workers, progress=config.progress,
                          data=config.data, info={"batch_size": config.batch_size, "device": str(adapter.device),

@@ -5,7 +5,9 @@ caption (``txt``) + optional ``json`` metadata. Reading is in shard order and
 deterministic (no shuffling), because the activation cache resumes by position.
 A record that cannot be decoded, or lacks an image or caption, is skipped and
 counted (one warning at the end); when nothing at all is readable, reading
-fails with one line naming the shards.
+fails with one line naming the shards. Text-only readers (``require_image=False``,
+used when the model reads captions only) also accept caption-only records, whose
+``image`` is None.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 @dataclass
 class PairRecord:
     key: str
-    image: Image.Image
+    image: Image.Image | None
     caption: str
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -53,23 +55,27 @@ def expand_urls(urls: str | Path | list[str]) -> list[str]:
     return expanded
 
 
-def _decode(sample: dict[str, Any]) -> PairRecord:
+def _decode(sample: dict[str, Any], require_image: bool = True) -> PairRecord:
     key = sample.get("__key__")
     image_bytes = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
-    if key is None or image_bytes is None or "txt" not in sample:
+    if key is None or (image_bytes is None and require_image) or "txt" not in sample:
         raise ValueError("record lacks __key__, an image or a caption")
-    image = Image.open(io.BytesIO(image_bytes))
-    image.load()
+    image = None
+    if image_bytes is not None:
+        image = Image.open(io.BytesIO(image_bytes))
+        image.load()
+        image = image.convert("RGB")
     caption = sample["txt"].decode("utf-8") if isinstance(sample["txt"], bytes) else str(sample["txt"])
     meta = json.loads(sample["json"]) if "json" in sample else {}
-    return PairRecord(key=str(key), image=image.convert("RGB"), caption=caption.strip(), meta=meta)
+    return PairRecord(key=str(key), image=image, caption=caption.strip(), meta=meta)
 
 
 class PairReader:
     """Iterate pair records of ``urls`` in order; ``skipped`` counts unreadable records."""
 
-    def __init__(self, urls: str | Path | list[str], warn: bool = True):
+    def __init__(self, urls: str | Path | list[str], warn: bool = True, require_image: bool = True):
         self.urls = expand_urls(urls)
+        self.require_image = require_image
         self.skipped = 0
         self.read = 0
         self.warn = warn
@@ -86,7 +92,7 @@ class PairReader:
         dataset = wds.WebDataset(self.urls, shardshuffle=False, handler=self._handler, empty_check=False)
         for sample in dataset:
             try:
-                record = _decode(sample)
+                record = _decode(sample, self.require_image)
             except Exception as exc:  # a corrupt record must not stop the reader
                 self._handler(exc)
                 continue
@@ -101,9 +107,9 @@ class PairReader:
                   file=sys.stderr)
 
 
-def iter_pairs(urls: str | Path | list[str]) -> Iterator[PairRecord]:
+def iter_pairs(urls: str | Path | list[str], require_image: bool = True) -> Iterator[PairRecord]:
     """Pair records of the shards, in order (see :class:`PairReader`)."""
-    return iter(PairReader(urls))
+    return iter(PairReader(urls, require_image=require_image))
 
 
 def batched_pairs(urls: str | Path | list[str], batch_size: int) -> Iterator[list[PairRecord]]:
