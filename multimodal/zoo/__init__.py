@@ -3,10 +3,16 @@
 Each zoo model is one module in this package with a class decorated by
 :func:`register_zoo_model`; it knows how to ``train`` itself into a folder and
 how to ``load`` that folder. Trained models live in the user's cache,
-``$VLSAE_CACHE/zoo/NAME`` (``VLSAE_CACHE`` defaults to ``~/.cache/vlsae``), are
-trained on first use by :func:`load_model`, and can be (re)built explicitly
-with ``vlsae zoo train NAME`` (:func:`train_model`). Training is seeded, so the
-same command gives the same model on the same machine and thread count.
+``$VLSAE_CACHE/zoo/NAME`` (``VLSAE_CACHE`` defaults to ``~/.cache/vlsae``), and
+can be (re)built explicitly with ``vlsae zoo train NAME`` (:func:`train_model`).
+Training is seeded, so the same command gives the same model on the same
+machine and thread count.
+
+Where to load from (:func:`load_model`): the cache when it holds a trained
+model; else the copy shipped in the repository (``multimodal/zoo/shipped/NAME``,
+fp16 safetensors written by ``vlsae zoo ship NAME`` from a cached model, so a
+fresh install runs the demo without minutes of training); else the model is
+trained on first use into the cache.
 
 >>> report = train_model("shapes-clip")        # minutes on a CPU; prints zero-shot accuracy
 >>> loaded = load_model("shapes-clip")         # trains first if the cache has none
@@ -113,10 +119,78 @@ def model_dir(name: str) -> Path:
     return zoo_dir() / get_zoo_class(name).name
 
 
-def is_trained(name: str) -> bool:
-    cls = get_zoo_class(name)
-    folder = model_dir(name)
+def shipped_dir(name: str) -> Path:
+    """Where the repository's shipped copy of ``name`` lives (whether or not it exists)."""
+    return Path(__file__).resolve().parent / "shipped" / get_zoo_class(name).name
+
+
+def _complete(cls: type[ZooModel], folder: Path) -> bool:
     return (folder / REPORT).is_file() and all((folder / f).is_file() for f in cls.files)
+
+
+def is_trained(name: str) -> bool:
+    """Whether the cache holds a trained ``name``."""
+    return _complete(get_zoo_class(name), model_dir(name))
+
+
+def is_shipped(name: str) -> bool:
+    """Whether the repository ships a trained ``name``."""
+    return _complete(get_zoo_class(name), shipped_dir(name))
+
+
+def resolve_model_dir(name: str, use_shipped: bool = True) -> Path | None:
+    """The folder :func:`load_model` would read: the cache, else the shipped copy, else None."""
+    if is_trained(name):
+        return model_dir(name)
+    if use_shipped and is_shipped(name):
+        return shipped_dir(name)
+    return None
+
+
+def ship_model(name: str, source: str | Path | None = None, dest: str | Path | None = None) -> Path:
+    """Copy a trained model (default: the cached one) to the shipped folder with fp16 weights.
+
+    Floating-point tensors of every ``.safetensors`` file are stored as fp16
+    (half the bytes; the model classes cast them back to their own dtype when
+    loading); every other file is copied as it is. Written to a temporary
+    sibling and swapped into place.
+    """
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cls = get_zoo_class(name)
+    src = Path(source) if source is not None else model_dir(name)
+    if not _complete(cls, src):
+        raise VlsaeError(f"no trained {name} at {src}; run vlsae zoo train {name} first")
+    target = Path(dest) if dest is not None else shipped_dir(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        for path in sorted(src.rglob("*")):
+            rel = path.relative_to(src)
+            out = tmp / rel
+            if path.is_dir():
+                out.mkdir(parents=True, exist_ok=True)
+                continue
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt") as handle:
+                    metadata = handle.metadata()
+                    tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+                tensors = {k: (v.half() if v.is_floating_point() and v.dtype == torch.float32 else v).contiguous()
+                           for k, v in tensors.items()}
+                save_file(tensors, str(out), metadata=metadata)
+            else:
+                shutil.copy2(path, out)
+        os.chmod(tmp, 0o755)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
 
 
 @dataclass
@@ -168,8 +242,8 @@ def train_model(name: str, overrides: dict[str, Any] | None = None, out: str | P
 
 
 def read_report(name: str) -> dict[str, Any]:
-    """The training report of a trained zoo model."""
-    path = model_dir(name) / REPORT
+    """The training report of a trained zoo model (cached, else shipped)."""
+    path = (resolve_model_dir(name) or model_dir(name)) / REPORT
     if not path.is_file():
         raise VlsaeError(f"zoo model '{name}' is not trained yet ({path} missing); run vlsae zoo train {name}")
     return json.loads(path.read_text())
@@ -189,11 +263,16 @@ def _training_lock(name: str):
         yield
 
 
-def load_model(name: str, device: Any = "cpu", train_if_missing: bool = True, folder: str | Path | None = None) -> Any:
-    """Load zoo model ``name`` from the cache, training it first (once) when it is missing."""
+def load_model(name: str, device: Any = "cpu", train_if_missing: bool = True, folder: str | Path | None = None,
+               use_shipped: bool = True) -> Any:
+    """Load zoo model ``name``: from ``folder`` if given, else the cache, else the shipped copy,
+    else train it first (once) into the cache."""
     cls = get_zoo_class(name)
     if folder is not None:
         return cls.load(Path(folder), device=device)
+    found = resolve_model_dir(name, use_shipped=use_shipped)
+    if found is not None:
+        return cls.load(found, device=device)
     if not is_trained(name):
         if not train_if_missing:
             raise VlsaeError(f"zoo model '{name}' is not trained yet; run vlsae zoo train {name}")
@@ -208,11 +287,11 @@ def load_model(name: str, device: Any = "cpu", train_if_missing: bool = True, fo
 def evaluate_model(name: str, folder: str | Path | None = None, device: Any = "cpu") -> dict[str, Any]:
     """Evaluate a trained zoo model (the cached one unless ``folder`` is given)."""
     cls = get_zoo_class(name)
-    path = Path(folder) if folder is not None else model_dir(name)
+    path = Path(folder) if folder is not None else (resolve_model_dir(name) or model_dir(name))
     if not (path / REPORT).is_file():
         raise VlsaeError(f"no trained {name} at {path}; run vlsae zoo train {name}")
     return cls.evaluate(path, device=device)
 
 
 __all__ = ["ZooModel", "register_zoo_model", "list_models", "get_zoo_class", "cache_root", "zoo_dir", "model_dir",
-           "is_trained", "train_model", "load_model", "evaluate_model", "read_report", "TrainReport"]
+           "is_trained", "is_shipped", "shipped_dir", "resolve_model_dir", "ship_model", "train_model", "load_model", "evaluate_model", "read_report", "TrainReport"]

@@ -37,7 +37,7 @@ def test_registry_and_cache_folder(cache):
     with pytest.raises(VlsaeError, match="did you mean 'shapes-clip'"):
         zoo.get_zoo_class("shape-clip")
     with pytest.raises(VlsaeError, match="not trained yet"):
-        zoo.load_model("shapes-clip", train_if_missing=False)
+        zoo.load_model("shapes-clip", train_if_missing=False, use_shipped=False)
 
 
 def test_training_report_and_zero_shot_metrics(trained):
@@ -85,6 +85,7 @@ def test_first_use_trains_into_the_cache_and_the_adapter_uses_it(cache, trained,
         return original(cls, out_dir, {**TINY, **overrides}, progress)
 
     monkeypatch.setattr(ShapesClip, "train", classmethod(tiny_train))
+    monkeypatch.setattr(zoo, "shipped_dir", lambda name: cache / "no-shipped-copy")
     adapter = create_adapter("shapes-clip", device="cpu")
     assert len(calls) == 1 and zoo.is_trained("shapes-clip")
     assert (cache / "zoo" / "shapes-clip" / "open_clip_model.safetensors").is_file()
@@ -94,6 +95,27 @@ def test_first_use_trains_into_the_cache_and_the_adapter_uses_it(cache, trained,
     out = adapter.extract([{"key": "k", "image": Image.new("RGB", (64, 64)), "caption": "a red circle"}])
     assert out["image"].shape == (1, 16) and out["text"].shape == (1, 16)
     assert "visual.blocks.0" in adapter.hook_points()
+
+
+def test_shipped_copy_is_fp16_loads_and_is_used_when_the_cache_is_empty(cache, trained, tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    shipped = zoo.ship_model("shapes-clip", source=trained.path, dest=tmp_path / "shipped" / "shapes-clip")
+    with safe_open(str(shipped / "open_clip_model.safetensors"), framework="pt") as handle:
+        assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.float16}
+    monkeypatch.setattr(zoo, "shipped_dir", lambda name: tmp_path / "shipped" / name)
+    assert not zoo.is_trained("shapes-clip") and zoo.is_shipped("shapes-clip")
+    assert zoo.resolve_model_dir("shapes-clip") == shipped
+    loaded = zoo.load_model("shapes-clip", train_if_missing=False)
+    reference = zoo.load_model("shapes-clip", folder=trained.path).model.state_dict()
+    for key, value in loaded.model.state_dict().items():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, reference[key], atol=2e-3, rtol=1e-3)
+    assert zoo.resolve_model_dir("shapes-clip", use_shipped=False) is None
+    with pytest.raises(VlsaeError, match="not trained yet"):
+        zoo.load_model("shapes-clip", train_if_missing=False, use_shipped=False)
+    with pytest.raises(VlsaeError, match="no trained shapes-clip"):
+        zoo.ship_model("shapes-clip", source=tmp_path / "nothing", dest=tmp_path / "x")
 
 
 def test_zoo_cli_train_and_list(cache, capsys):
