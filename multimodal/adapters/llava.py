@@ -48,6 +48,7 @@ Combine one point per modality with a comma: ``vision.layers.1,layers.2``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -69,6 +70,21 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() not in ("0", "", "false", "no")
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """No per-file progress bars from transformers' loading and saving (one line of output per call
+    would interleave with vlsae's own); restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -118,8 +134,9 @@ def load_llava(source: str, device: torch.device | str = "cpu",
         raise VlsaeError(f"{source} is a '{getattr(config, 'model_type', '?')}' checkpoint, not a LLaVA "
                          f"(LlavaForConditionalGeneration); use the adapter of that model family")
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(where, config=config, dtype=dtype, use_safetensors=True,
-                                                              local_files_only=offline or local)
+        with quiet_transformers():
+            model = LlavaForConditionalGeneration.from_pretrained(where, config=config, dtype=dtype,
+                                                                  use_safetensors=True, local_files_only=offline or local)
     except OSError as exc:
         if local:
             raise VlsaeError(f"no safetensors weights for LLaVA in {folder} ({_first_line(exc)}); vlsae loads "

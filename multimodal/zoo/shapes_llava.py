@@ -470,6 +470,8 @@ def train_shapes_llava(out_dir: Path, cfg: ShapesLlavaConfig, progress: bool = T
     """Train into ``out_dir``; returns the report (settings, loss curves, evaluation)."""
     import transformers
 
+    from multimodal.adapters.llava import quiet_transformers
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     world = _world_config(cfg.world)
@@ -542,7 +544,8 @@ def train_shapes_llava(out_dir: Path, cfg: ShapesLlavaConfig, progress: bool = T
     train_seconds = time.perf_counter() - train_started
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
+    with quiet_transformers():
+        model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     (out_dir / PROMPTS_FILE).write_text(json.dumps(prompts_record(), indent=1))
 
@@ -591,7 +594,7 @@ def eval_world(world, single: bool):
 
 
 @torch.no_grad()
-def generate_captions(model, tokenizer, images: Tensor, max_new_tokens: int = 48, batch_size: int = 100) -> list[str]:
+def generate_captions(model, tokenizer, images: Tensor, max_new_tokens: int = 48, batch_size: int = 500) -> list[str]:
     """Greedy captions of uint8 images (n, 3, H, W) from the describe prompt."""
     n_image = model.config.image_seq_length
     prompt = [BOS] + [IMAGE] * n_image + _encode(tokenizer, [DESCRIBE_PROMPT.format(image="")])[0]
@@ -607,7 +610,7 @@ def generate_captions(model, tokenizer, images: Tensor, max_new_tokens: int = 48
 
 
 @torch.no_grad()
-def answer_questions(model, tokenizer, images: Tensor, questions: list[str], batch_size: int = 200) -> list[str]:
+def answer_questions(model, tokenizer, images: Tensor, questions: list[str], batch_size: int = 500) -> list[str]:
     """The greedy first reply word of each (image, question): the asked word (yes) or "no"."""
     n_image = model.config.image_seq_length
     device = next(model.parameters()).device
@@ -699,13 +702,16 @@ class ShapesLlava(ZooModel):
     def load(cls, folder: Path, device: Any = "cpu") -> LoadedLlava:
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+        from multimodal.adapters.llava import quiet_transformers
+
         folder = Path(folder)
         for name in cls.files:
             if not (folder / name).is_file():
                 raise VlsaeError(f"{folder} is not a trained {NAME} ({name} missing); run vlsae zoo train {NAME}")
         # dtype: a shipped copy stores fp16 weights; the model runs in fp32
-        model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, use_safetensors=True,
-                                                              local_files_only=True)
+        with quiet_transformers():
+            model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, use_safetensors=True,
+                                                                  local_files_only=True)
         processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
         prompt = json.loads((folder / PROMPTS_FILE).read_text())["prompt"]
         report = json.loads((folder / REPORT).read_text()) if (folder / REPORT).is_file() else {}
