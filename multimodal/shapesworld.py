@@ -322,6 +322,23 @@ def render_sample(config: ShapesWorldConfig, index: int) -> Sample:
     return Sample(image=image, caption=caption, meta=meta, key=f"{config.seed:04d}{index:09d}")
 
 
+
+def render_tensors(config: ShapesWorldConfig, indices) -> tuple[Any, list[str], list[dict]]:
+    """Records ``indices`` as model-ready tensors: uint8 images (n, 3, H, W), captions, metadata.
+
+    What the zoo models train and evaluate on; torch is imported here so that
+    writing shards does not need it.
+    """
+    import torch
+
+    images, captions, metas = [], [], []
+    for index in indices:
+        sample = render_sample(config, int(index))
+        images.append(torch.from_numpy(np.asarray(sample.image.convert("RGB"), dtype=np.uint8).copy()))
+        captions.append(sample.caption)
+        metas.append(sample.meta)
+    return torch.stack(images).permute(0, 3, 1, 2).contiguous(), captions, metas
+
 def _corrupt(config: ShapesWorldConfig, index: int, objects, mentions, texture: str, caption_state: dict,
              rng: np.random.Generator) -> tuple[str, str]:
     """Half the corrupted pairs get another record's caption; half get one mentioned

@@ -108,17 +108,9 @@ def _world_config(overrides: dict[str, Any]):
 
 def _render(world, indices) -> tuple[Tensor, list[str], list[dict]]:
     """uint8 images (n, 3, H, W), captions and metadata of ShapesWorld pairs."""
-    import numpy as np
+    from multimodal.shapesworld import render_tensors
 
-    from multimodal.shapesworld import render_sample
-
-    images, captions, metas = [], [], []
-    for index in indices:
-        sample = render_sample(world, int(index))
-        images.append(torch.from_numpy(np.asarray(sample.image.convert("RGB"), dtype=np.uint8).copy()))
-        captions.append(sample.caption)
-        metas.append(sample.meta)
-    return torch.stack(images).permute(0, 3, 1, 2).contiguous(), captions, metas
+    return render_tensors(world, indices)
 
 
 def normalise(images: Tensor) -> Tensor:

@@ -195,15 +195,9 @@ def _world_config(overrides: dict[str, Any]):
 
 def render(world, indices) -> tuple[Tensor, list[str], list[dict]]:
     """uint8 images (n, 3, H, W), captions and metadata of ShapesWorld records ``indices``."""
-    from multimodal.shapesworld import render_sample
+    from multimodal.shapesworld import render_tensors
 
-    images, captions, metas = [], [], []
-    for index in indices:
-        sample = render_sample(world, int(index))
-        images.append(torch.from_numpy(np.asarray(sample.image.convert("RGB"), dtype=np.uint8).copy()))
-        captions.append(sample.caption)
-        metas.append(sample.meta)
-    return torch.stack(images).permute(0, 3, 1, 2).contiguous(), captions, metas
+    return render_tensors(world, indices)
 
 
 def reading_order_caption(world, meta: dict, index: int) -> str:
