@@ -1,35 +1,42 @@
 """``shapes-diffusion``: a small diffusers text-to-image pipeline trained on ShapesWorld.
 
-The model is a real ``diffusers.StableDiffusionPipeline``: an
-``AutoencoderKL`` (32x32 RGB <-> 8x8x4 latents), a ``UNet2DConditionModel``
-with cross-attention on the prompt, a transformers ``CLIPTextModel`` and a
-``CLIPTokenizer`` built offline from open_clip's BPE vocabulary (its ids equal
-open_clip's), and a ``DDIMScheduler``. It is saved with ``save_pretrained`` and
-loads with ``StableDiffusionPipeline.from_pretrained(folder)``, so every
-diffusers tool (and the ``diffusers-text:FOLDER`` adapter) works on it.
+The model is a real ``diffusers.StableDiffusionPipeline``: an ``AutoencoderKL``
+(32x32 RGB <-> 16x16x4 latents), a ``UNet2DConditionModel`` that cross-attends
+to the prompt, a transformers ``CLIPTextModel`` and a ``CLIPTokenizer`` built
+offline from open_clip's BPE vocabulary (its ids equal open_clip's), and a
+``DDIMScheduler``. It is saved with ``save_pretrained`` and loads with
+``StableDiffusionPipeline.from_pretrained(folder)``, so diffusers' own tools
+and the ``diffusers-text:FOLDER`` adapter work on it.
 
-Training, seeded, in three stages on single-object ShapesWorld scenes rendered
-in memory at 32x32 on a plain background (small objects held out: at 32 pixels
-their shape is a few pixels and neither the generator nor the judge can tell a
-pentagon from a hexagon):
+As Stable Diffusion uses CLIP's text tower, frozen, shapes-diffusion uses the
+text tower of the ``shapes-clip`` zoo model, converted to a ``CLIPTextModel``
+(:func:`text_encoder_from_open_clip`, exact) and frozen: the UNet then learns
+from words whose embeddings already separate colours and shapes, which is
+what makes minutes of CPU enough (``text_encoder=scratch`` trains a new one
+with the UNet instead).
 
-1. the autoencoder, briefly (pixel MSE plus a tiny KL term, so the latents stay
-   a smooth, nearly deterministic code); the latent scale is then set so the
-   training latents have unit variance, as Stable Diffusion does;
-2. the latents of every training image are computed once (the posterior mean),
-   so the diffusion stage never runs the autoencoder;
-3. the UNet and the text encoder together, from scratch, with the DDPM noise
-   prediction loss (min-SNR weighted) on ShapesWorld captions; 10% of prompts
-   are replaced by the empty prompt so classifier-free guidance works.
+Training, seeded, on single-object ShapesWorld scenes rendered in memory:
+one large object in the centre of a plain 32x32 image (positions and sizes
+would take far longer to learn; ``world`` changes that):
 
-Evaluation (:func:`evaluate_pipeline`): one image per seed for every "a COLOUR
-SHAPE" prompt (10 colours x 10 shapes), classified by the ``shapes-clip`` zoo
-model (zero-shot over every single-object description, upsampled to its 64x64
-input), and by a pixel colour check (the ShapesWorld colour with most pixels
-near its RGB value). The same judges on real 32x32 renders give their ceiling.
+1. the autoencoder, briefly (L1 with object pixels weighted up, since an object
+   covers a few percent of the image, plus a tiny KL term); the latent scale is
+   then set so the training latents have unit variance, as Stable Diffusion does;
+2. the latents of every training image (posterior means) and the text-encoder
+   states of every distinct caption are computed once;
+3. the UNet with the DDPM noise-prediction loss (min-SNR weighted), 10% of
+   prompts replaced by the empty prompt for classifier-free guidance; the saved
+   weights are a moving average.
+
+Evaluation (:func:`evaluate_pipeline`): ``eval_seeds`` images for every "a COLOUR
+SHAPE" prompt (10 colours x 10 shapes), read by three judges: the ``shapes-clip``
+zoo model (zero-shot over every single-object description, at its 64x64 input),
+a small CNN trained on real renders (shapes-clip reads shapes poorly), and a
+pixel colour check. Each judge's rate on real renders is its ceiling.
 
 For steering, :func:`encode_prompts` returns the pipeline's ``prompt_embeds``
-and :func:`generate` takes either prompts or ``prompt_embeds``.
+and :func:`generate` takes either prompts or ``prompt_embeds``;
+``DiffusersTextAdapter.from_pipeline(pipe)`` gives the hook modules.
 """
 from __future__ import annotations
 
@@ -72,7 +79,7 @@ class ShapesDiffusionConfig:
                          help="ShapesWorldConfig overrides of the training pairs (default: 32x32, one large "
                               "object in the centre, plain background, captions name colour and shape)")
     # autoencoder
-    vae_steps: int = option(500, help="autoencoder optimizer steps")
+    vae_steps: int = option(1500, help="autoencoder optimizer steps")
     vae_batch_size: int = option(16, help="images per autoencoder batch")
     vae_lr: float = option(2e-3, help="autoencoder AdamW learning rate (cosine decay)")
     vae_channels: list[int] = option(None, factory=lambda: [16, 32],
@@ -85,7 +92,8 @@ class ShapesDiffusionConfig:
     # denoiser and text encoder
     steps: int = option(1600, help="UNet (+ scratch text encoder) optimizer steps")
     batch_size: int = option(32, help="pairs per diffusion batch")
-    lr: float = option(1e-3, help="peak AdamW learning rate of UNet and text encoder (linear warm-up, cosine decay)")
+    lr: float = option(2e-3, help="peak AdamW learning rate of the UNet (and scratch text encoder; linear warm-up, "
+                                  "cosine decay)")
     warmup: int = option(50, help="warm-up steps")
     weight_decay: float = option(0.01, help="AdamW weight decay")
     unet_channels: list[int] = option(None, factory=lambda: [32, 64, 64],
@@ -389,6 +397,10 @@ def train_shapes_diffusion(out_dir: Path, cfg: ShapesDiffusionConfig, progress: 
         torch.set_num_threads(cfg.threads)
     if not 0 <= cfg.cond_drop < 1:
         raise VlsaeError(f"cond_drop must be a fraction in [0, 1), got {cfg.cond_drop}")
+    if cfg.text_encoder not in ("shapes-clip", "scratch"):
+        raise VlsaeError(f"text_encoder must be shapes-clip or scratch, got '{cfg.text_encoder}'")
+    if cfg.vae_loss not in ("l1", "mse"):
+        raise VlsaeError(f"vae_loss must be l1 or mse, got '{cfg.vae_loss}'")
     world = world_config(cfg.world)
     started = time.perf_counter()
     images, captions, _ = render(world, range(cfg.n_train))
@@ -396,13 +408,10 @@ def train_shapes_diffusion(out_dir: Path, cfg: ShapesDiffusionConfig, progress: 
     pixels = images.float() / 127.5 - 1
 
     frozen = cfg.text_encoder == "shapes-clip"
+    encoder = encoder_tokenizer = None
     text_source = ""
     if frozen:
         encoder, encoder_tokenizer, text_source = shapes_clip_text_encoder(cfg.clip_folder)
-    elif cfg.text_encoder == "scratch":
-        encoder = encoder_tokenizer = None
-    else:
-        raise VlsaeError(f"text_encoder must be shapes-clip or scratch, got '{cfg.text_encoder}'")
     torch.manual_seed(cfg.seed)
     parts = build_parts(cfg, int(images.shape[-1]), encoder, encoder_tokenizer)
     vae, unet, text_encoder, tokenizer = parts["vae"], parts["unet"], parts["text_encoder"], parts["tokenizer"]
@@ -690,21 +699,37 @@ def _rate(predicted: Sequence[Any], truth: Sequence[str]) -> float:
     return sum(p == t for p, t in zip(predicted, truth)) / max(1, len(truth))
 
 
+@torch.no_grad()
+def autoencode(vae, images: Tensor, batch_size: int = 256) -> Tensor:
+    """uint8 images (n, 3, H, W) through the autoencoder and back (posterior mean): what the
+    generator's output could at best look like."""
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        x = images[i: i + batch_size].to(vae.device, vae.dtype) / 127.5 - 1
+        decoded = vae.decode(vae.encode(x).latent_dist.mean).sample
+        out.append(((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+    return torch.cat(out)
+
+
 def _judge_rates(judge: Any, generated: Tensor, asked: list[dict[str, str]], real: Tensor,
-                 real_truth: list[dict[str, str]]) -> dict[str, Any]:
-    """attribute -> {match, real, chance, per_value} for one judge (anything with ``classify``)."""
+                 real_truth: list[dict[str, str]], roundtrip: Tensor | None = None) -> dict[str, Any]:
+    """attribute -> {match, real, real_autoencoded, chance, per_value} for one judge (anything with ``classify``)."""
     from multimodal.shapesworld import vocabulary
 
     vocab = vocabulary()
     on_generated, on_real = judge.classify(generated), judge.classify(real)
+    on_roundtrip = judge.classify(roundtrip) if roundtrip is not None else None
     out: dict[str, Any] = {}
     for attribute in ("colour", "shape"):
         truth = [a[attribute] for a in asked]
+        real_values = [o[attribute] for o in real_truth]
         out[attribute] = {"match": _rate(on_generated[attribute], truth),
-                          "real": _rate(on_real[attribute], [o[attribute] for o in real_truth]),
+                          "real": _rate(on_real[attribute], real_values),
                           "chance": 1 / len(vocab[attribute]),
                           "per_value": {v: _rate([p for p, t in zip(on_generated[attribute], truth) if t == v],
                                                  [v] * truth.count(v)) for v in vocab[attribute]}}
+        if on_roundtrip is not None:
+            out[attribute]["real_autoencoded"] = _rate(on_roundtrip[attribute], real_values)
     return out
 
 
@@ -716,7 +741,9 @@ def evaluate_pipeline(pipe, world, cfg: ShapesDiffusionConfig, progress: bool = 
     ``cnn``, a small classifier trained on real renders (when ``cfg.cnn_steps``);
     ``pixel_colour``, the pixel colour check. Each comes with the same judge's
     rate on real renders of the training world (``real``): what a perfect
-    generator would score. ``chance`` is 1 / classes.
+    generator would score, and on those renders passed through the autoencoder
+    (``real_autoencoded``): what a generator limited only by the autoencoder's
+    blur would score. ``chance`` is 1 / classes.
     """
     from multimodal.shapesworld import vocabulary
 
@@ -724,6 +751,7 @@ def evaluate_pipeline(pipe, world, cfg: ShapesDiffusionConfig, progress: bool = 
     generated = generate(pipe, prompts, seed=cfg.seed, steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale)
     real, _, metas = render(world, range(EVAL_OFFSET, EVAL_OFFSET + len(prompts)))
     real_truth = [m["objects"][0] for m in metas]
+    roundtrip = autoencode(pipe.vae, real)
     colours = [a["colour"] for a in asked]
     result: dict[str, Any] = {"n": len(prompts), "sample_steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale,
                               "pixel_colour": {"match": _rate(pixel_colours(generated), colours),
@@ -734,10 +762,10 @@ def evaluate_pipeline(pipe, world, cfg: ShapesDiffusionConfig, progress: bool = 
             from multimodal.zoo import load_model
 
             judge = ClipJudge(load_model("shapes-clip", folder=cfg.clip_folder or None))
-        result["clip"] = _judge_rates(judge, generated, asked, real, real_truth)
+        result["clip"] = _judge_rates(judge, generated, asked, real, real_truth, roundtrip)
     if cfg.cnn_steps > 0:
         cnn = train_cnn_judge(world, cfg.seed, n=cfg.cnn_train, steps=cfg.cnn_steps)
-        result["cnn"] = _judge_rates(cnn, generated, asked, real, real_truth)
+        result["cnn"] = _judge_rates(cnn, generated, asked, real, real_truth, roundtrip)
     return result
 
 
@@ -745,7 +773,8 @@ def evaluate_pipeline(pipe, world, cfg: ShapesDiffusionConfig, progress: bool = 
 
 @register_zoo_model(NAME)
 class ShapesDiffusion(ZooModel):
-    summary = "small diffusers StableDiffusionPipeline (32x32, CLIP text encoder) trained on ShapesWorld prompts"
+    summary = ("small diffusers StableDiffusionPipeline (32x32; shapes-clip's text tower, frozen) "
+               "trained on ShapesWorld prompts")
     files = FILES
 
     @classmethod
@@ -777,11 +806,12 @@ class ShapesDiffusion(ZooModel):
                  f"{metrics.get('sample_steps', '?')} DDIM steps, guidance {metrics.get('guidance_scale', '?')}):"]
         for key, judge in (("clip", "shapes-clip"), ("cnn", "a CNN")):
             for attribute, r in metrics.get(key, {}).items():
-                lines.append(f"  {attribute:<7} {r['match']:6.1%}   by {judge} (on real renders {r['real']:.1%}; "
-                             f"chance {r['chance']:.1%})")
+                through = (f", autoencoded {r['real_autoencoded']:.1%}" if "real_autoencoded" in r else "")
+                lines.append(f"  {attribute:<7} {r['match']:6.1%}   by {judge} (real renders {r['real']:.1%}"
+                             f"{through}; chance {r['chance']:.1%})")
         if "pixel_colour" in metrics:
             r = metrics["pixel_colour"]
-            lines.append(f"  colour  {r['match']:6.1%}   by pixel colour (on real renders {r['real']:.1%})")
+            lines.append(f"  colour  {r['match']:6.1%}   by pixel colour (real renders {r['real']:.1%})")
         if "final_loss" in metrics:
             lines.append(f"noise-prediction loss {metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f}; "
                          f"autoencoder MSE {metrics['vae_mse']:.4f}")

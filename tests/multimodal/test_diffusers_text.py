@@ -191,7 +191,8 @@ def test_missing_and_bad_pipelines_are_one_line_errors(tmp_path, sd_folder, monk
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(VlsaeError, match=r"not found locally \(HF_HUB_OFFLINE is set\).*diffusers-text:/path/to/pipeline") as err:
+    expected = r"not found locally \(HF_HUB_OFFLINE is set\).*diffusers-text:/path/to/pipeline"
+    with pytest.raises(VlsaeError, match=expected) as err:
         create_adapter("diffusers-text:someone/not-cached-sd", device="cpu")
     assert "\n" not in str(err.value)
     unsupported = tmp_path / "t5"
@@ -261,7 +262,8 @@ def test_extract_reads_caption_only_shards_for_text_hooks(tmp_path, sd_folder, c
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    return zoo.train_model("shapes-diffusion", TINY, out=tmp_path_factory.mktemp("zoo") / "shapes-diffusion", progress=False)
+    out = tmp_path_factory.mktemp("zoo") / "shapes-diffusion"
+    return zoo.train_model("shapes-diffusion", TINY, out=out, progress=False)
 
 
 def test_tiny_training_saves_a_loadable_pipeline(trained):
@@ -275,6 +277,19 @@ def test_tiny_training_saves_a_loadable_pipeline(trained):
     pipe = StableDiffusionPipeline.from_pretrained(str(trained.path), local_files_only=True)
     assert pipe.tokenizer("a red circle").input_ids == [49406, 320, 736, 7117, 49407]  # open_clip's ids
     assert pipe.vae.config.scaling_factor == pytest.approx(metrics["latent_scale"])
+
+
+def test_zoo_cli_trains_into_the_cache_and_evaluates(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VLSAE_CACHE", str(tmp_path / "cache"))
+    overrides = sum((["--set", f"{k}={json.dumps(v)}"] for k, v in TINY.items()), [])
+    assert main(["zoo", "train", "shapes-diffusion", "--no-progress", *overrides]) == 0
+    printed = capsys.readouterr().out
+    assert "by pixel colour" in printed and "noise-prediction loss" in printed
+    assert (tmp_path / "cache" / "zoo" / "shapes-diffusion" / "unet" / "config.json").is_file()
+    assert main(["zoo", "eval", "shapes-diffusion"]) == 0
+    assert "by pixel colour" in capsys.readouterr().out
+    assert main(["zoo", "train", "shapes-diffusion", "--set", "text_encoder=t5"]) == 2
+    assert "shapes-clip or scratch" in capsys.readouterr().err
 
 
 def test_generation_is_seeded_and_follows_prompt_embeds(trained):
@@ -322,8 +337,8 @@ def test_shapes_clip_text_tower_converts_exactly(tiny_clip):
 def test_training_on_the_frozen_shapes_clip_text_encoder(tiny_clip, tmp_path):
     from multimodal.zoo.shapes_diffusion import shapes_clip_text_encoder
 
-    result = zoo.train_model("shapes-diffusion", {**TINY, "text_encoder": "shapes-clip", "clip_folder": str(tiny_clip.path)},
-                             out=tmp_path / "sd", progress=False)
+    overrides = {**TINY, "text_encoder": "shapes-clip", "clip_folder": str(tiny_clip.path)}
+    result = zoo.train_model("shapes-diffusion", overrides, out=tmp_path / "sd", progress=False)
     assert result.report["text_encoder"]["frozen"]
     pipe = zoo.load_model("shapes-diffusion", folder=result.path)
     assert pipe.unet.config.cross_attention_dim == 16 and pipe.tokenizer.model_max_length == 48
@@ -344,7 +359,7 @@ def test_judges_with_a_tiny_shapes_clip_and_cnn(trained, tiny_clip):
         for attribute in ("colour", "shape"):
             r = metrics[judge][attribute]
             assert 0 <= r["match"] <= 1 and 0 <= r["real"] <= 1 and r["chance"] == pytest.approx(0.1)
-            assert len(r["per_value"]) == 10
+            assert len(r["per_value"]) == 10 and 0 <= r["real_autoencoded"] <= 1
     described = ShapesDiffusion.describe_report({"metrics": metrics})
     assert "by shapes-clip" in described and "by a CNN" in described
 
