@@ -295,17 +295,9 @@ def world_config(overrides: dict[str, Any]):
 
 def render(world, indices: Sequence[int]) -> tuple[Tensor, list[str], list[dict]]:
     """uint8 images (n, 3, H, W), captions and metadata of ShapesWorld records ``indices``."""
-    import numpy as np
+    from multimodal.shapesworld import render_tensors
 
-    from multimodal.shapesworld import render_sample
-
-    images, captions, metas = [], [], []
-    for index in indices:
-        sample = render_sample(world, int(index))
-        images.append(np.asarray(sample.image.convert("RGB"), dtype=np.uint8))
-        captions.append(sample.caption)
-        metas.append(sample.meta)
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), captions, metas
+    return render_tensors(world, indices)
 
 
 def tokenize(tokenizer, texts: Sequence[str]) -> Tensor:
