@@ -9,6 +9,10 @@ EleutherAI sparsify's ``SparseCoder`` when it is installed (``pip install
 eai-sparsify``), stepped with torch's Adam as sparsify's ``optimizer="adam"``
 trainer path does and, for a kernel-only comparison, with fused Adam too.
 All rows run in the same process on the same data, one after the other.
+On a CPU with bf16 matrix units (AMX or AVX512-BF16) each vlsae architecture is
+timed twice: choosing the active latents in fp32 and in bf16
+(``train.selection_dtype``, the trainer's default there); the values, loss and
+gradients are fp32 in both.
 Multimodal architectures (``vl*``) step on a batch of every modality, so their
 tokens/s counts the rows of all modalities (image rows + text rows).
 """
@@ -27,6 +31,7 @@ import dataclasses
 
 from vlsae import create_sae, get_sae_class, list_archs
 from vlsae.saes.base import TrainContext
+from vlsae.training.trainer import cpu_has_bf16_matmul, resolve_selection_dtype
 
 
 def time_steps(step: Callable[[], None], warmup: int, repeats: int) -> float:
@@ -44,11 +49,13 @@ def time_steps(step: Callable[[], None], warmup: int, repeats: int) -> float:
     return times[len(times) // 2]
 
 
-def vlsae_step(arch: str, x: torch.Tensor | dict, d: int, n_latents: int, k: int, device: str) -> Callable[[], None]:
+def vlsae_step(arch: str, x: torch.Tensor | dict, d: int, n_latents: int, k: int, device: str,
+               selection: str = "fp32") -> Callable[[], None]:
     kwargs = {"d_in": d, "n_latents": n_latents}
     if "k" in get_sae_class(arch).config_class.__dataclass_fields__:
         kwargs["k"] = k
     sae = create_sae(arch, **kwargs).to(device)
+    sae.selection_dtype = resolve_selection_dtype(selection, torch.device(device))  # as the trainer sets it
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
     ctx = TrainContext(step=100, progress=0.5)
 
@@ -91,7 +98,8 @@ def dense_topk_step(x: torch.Tensor, d: int, n_latents: int, k: int, device: str
     return step
 
 
-def sparsify_step(x: torch.Tensor, d: int, n_latents: int, k: int, device: str, fused: bool) -> Callable[[], None] | None:
+def sparsify_step(x: torch.Tensor, d: int, n_latents: int, k: int, device: str, fused: bool,
+                  cpu_bf16: bool = False) -> Callable[[], None] | None:
     try:
         from sparsify import SparseCoder, SparseCoderConfig
     except ImportError:
@@ -106,7 +114,8 @@ def sparsify_step(x: torch.Tensor, d: int, n_latents: int, k: int, device: str, 
     optimizer = torch.optim.Adam(coder.parameters(), lr=1e-4, fused=fused)
 
     def step() -> None:
-        out = coder(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16):
+            out = coder(x)
         optimizer.zero_grad(set_to_none=True)
         (out.fvu + out.auxk_loss / 32).backward()
         coder.remove_gradient_parallel_to_decoder_directions()
@@ -126,6 +135,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--selection", default=None,
+                        help="comma-separated train.selection_dtype values to time (fp32, bf16); default fp32, plus bf16 "
+                             "on a CPU with bf16 matrix units")
     parser.add_argument("--no-baselines", action="store_true", help="skip the dense and sparsify rows")
     args = parser.parse_args()
 
@@ -133,6 +145,8 @@ def main() -> None:
     x = torch.randn(args.batch, args.d, device=args.device)
     rows: list[tuple[str, float, int]] = []  # name, seconds, input rows per step
     candidates: list[tuple[str, int, Callable[[], Callable[[], None] | None]]] = []
+    selections = args.selection.split(",") if args.selection else (
+        ["fp32", "bf16"] if args.device == "cpu" and cpu_has_bf16_matmul() else ["fp32"])
     for arch in [a for a in args.archs.split(",") if a]:
         if arch not in list_archs():
             raise SystemExit(f"unknown architecture '{arch}'; registered: {', '.join(list_archs())}")
@@ -140,11 +154,17 @@ def main() -> None:
         if default_modalities(arch):
             data = {m: torch.randn_like(x) for m in default_modalities(arch)}
         n_rows = args.batch * (len(data) if isinstance(data, dict) else 1)
-        candidates.append((f"vlsae {arch}", n_rows, lambda arch=arch, data=data: vlsae_step(arch, data, args.d, args.latents, args.k, args.device)))
+        for sel in selections:
+            label = f"vlsae {arch}" + (f" (select {sel})" if len(selections) > 1 else "")
+            candidates.append((label, n_rows, lambda arch=arch, data=data, sel=sel:
+                               vlsae_step(arch, data, args.d, args.latents, args.k, args.device, sel)))
     if not args.no_baselines:
         candidates.append(("dense PyTorch TopK", args.batch, lambda: dense_topk_step(x, args.d, args.latents, args.k, args.device)))
         candidates.append(("sparsify SparseCoder + Adam", args.batch, lambda: sparsify_step(x, args.d, args.latents, args.k, args.device, fused=False)))
         candidates.append(("sparsify SparseCoder + fused Adam", args.batch, lambda: sparsify_step(x, args.d, args.latents, args.k, args.device, fused=True)))
+        if "bf16" in selections:  # the same bf16 units offered to sparsify, through CPU autocast
+            candidates.append(("sparsify SparseCoder + Adam, CPU bf16 autocast", args.batch,
+                               lambda: sparsify_step(x, args.d, args.latents, args.k, args.device, fused=False, cpu_bf16=True)))
 
     for name, n_rows, build in candidates:
         step = build()

@@ -59,6 +59,15 @@ class ZooModel:
         raise NotImplementedError
 
     @classmethod
+    def require_files(cls, folder: str | Path) -> Path:
+        """``folder`` as a Path, after checking every file in ``files`` is there (one-line error if not)."""
+        folder = Path(folder)
+        for name in cls.files:
+            if not (folder / name).is_file():
+                raise VlsaeError(f"{folder} is not a trained {cls.name} ({name} missing); run vlsae zoo train {cls.name}")
+        return folder
+
+    @classmethod
     def evaluate(cls, folder: Path, device: Any = "cpu") -> dict[str, Any]:
         """Metrics of a trained folder (what ``vlsae zoo eval`` prints)."""
         raise NotImplementedError

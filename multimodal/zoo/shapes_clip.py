@@ -371,10 +371,7 @@ class ShapesClip(ZooModel):
     def load(cls, folder: Path, device: Any = "cpu") -> LoadedClip:
         import open_clip
 
-        folder = Path(folder)
-        for name in cls.files:
-            if not (folder / name).is_file():
-                raise VlsaeError(f"{folder} is not a trained shapes-clip ({name} missing); run vlsae zoo train shapes-clip")
+        folder = cls.require_files(folder)
         register_config(folder)
         model, _, preprocess = open_clip.create_model_and_transforms(ARCH, pretrained=str(folder / WEIGHTS), device=device)
         model.eval()

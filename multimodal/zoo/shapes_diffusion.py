@@ -777,11 +777,7 @@ class ShapesDiffusion(ZooModel):
     @classmethod
     def load(cls, folder: Path, device: Any = "cpu"):
         """The trained ``StableDiffusionPipeline`` (its ``text_encoder``/``tokenizer`` are what the adapter reads)."""
-        folder = Path(folder)
-        for name in cls.files:
-            if not (folder / name).is_file():
-                raise VlsaeError(f"{folder} is not a trained shapes-diffusion ({name} missing); "
-                                 f"run vlsae zoo train shapes-diffusion")
+        folder = cls.require_files(folder)
         return load_pipeline(folder, device=device)
 
     @classmethod

@@ -698,10 +698,7 @@ class ShapesLlava(ZooModel):
 
         from multimodal.adapters.llava import quiet_transformers
 
-        folder = Path(folder)
-        for name in cls.files:
-            if not (folder / name).is_file():
-                raise VlsaeError(f"{folder} is not a trained {NAME} ({name} missing); run vlsae zoo train {NAME}")
+        folder = cls.require_files(folder)
         # dtype: a shipped copy stores fp16 weights; the model runs in fp32
         with quiet_transformers():
             model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, use_safetensors=True,

@@ -324,3 +324,31 @@ def test_rng_state_round_trips():
     again = (torch.rand(3), np.random.rand(3), random.random(), np.random.normal())
     assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1])
     assert first[2] == again[2] and first[3] == again[3]
+
+
+# ------------------------------------------------- bf16 latent selection
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "abstopk", "vl", "vl-shared", "vl-split"])
+def test_bf16_selection_trains_as_well_as_fp32_and_leaves_inference_exact(arch):
+    """``selection_dtype=bf16`` only changes which latents win near-ties: the learned
+    model reconstructs as well, and the returned SAE chooses latents in fp32 again."""
+    x = planted()
+    data = {"image": x, "text": x + 0.1 * torch.randn_like(x)} if arch.startswith("vl") else x
+    results = {}
+    for sel in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        sae = create_sae(arch, d_in=16, n_latents=64, k=4)
+        results[sel] = train(sae, TensorSource(data), quick(selection_dtype=sel))
+        assert results[sel].sae.selection_dtype is None
+    key = "fvu_image" if arch.startswith("vl") else "fvu"
+    assert results["bf16"].summary[key] == pytest.approx(results["fp32"].summary[key], abs=0.03)
+    assert results["fp32"].summary[key] < 0.5
+
+
+def test_selection_dtype_is_checked_and_resolved():
+    from vlsae.training.trainer import resolve_selection_dtype
+    with pytest.raises(VlsaeError, match="selection_dtype must be one of auto, fp32, bf16"):
+        TrainConfig(selection_dtype="fp16")
+    cpu = torch.device("cpu")
+    assert resolve_selection_dtype("fp32", cpu) is None
+    assert resolve_selection_dtype("bf16", cpu) is torch.bfloat16
+    assert resolve_selection_dtype("bf16", torch.device("cuda")) is None  # autocast covers it there

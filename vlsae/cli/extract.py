@@ -41,9 +41,11 @@ def run(args: argparse.Namespace) -> int:
     if args.list_hooks:
         adapter = create_adapter(args.model, device=args.device, dtype=args.dtype)
         print(f"hook points of {args.model} (join one per modality with a comma):")
-        for point in adapter.hook_points():
+        points = adapter.hook_points()
+        column = max((len(p) for p in points), default=0) + 2  # long names (text_encoder.embeddings) stay aligned
+        for point in points:
             widths = adapter.widths(point)
-            print(f"  {point:<22} " + ", ".join(f"{m} {w}" for m, w in widths.items()))
+            print(f"  {point:<{column}}" + ", ".join(f"{m} {w}" for m, w in widths.items()))
         return 0
     config = ExtractConfig(model=args.model, data=args.data, out=args.out, hook=args.hook, tokens=args.tokens,
                            batch_size=args.batch_size, dtype=args.dtype, device=args.device,

@@ -44,7 +44,7 @@ class AbsTopKSAE(TopKSAE):
 
     def training_forward(self, x: torch.Tensor, ctx: TrainContext) -> TrainOutput:
         with torch.no_grad():
-            pre = self.pre_activations(x)
+            pre = self.selection_pre_activations(x)
             indices = self.select(pre)
         values = self.selected_pre_activations(x, indices)
         recon = sparse_decode(indices, values, self.W_dec) + self.b_dec

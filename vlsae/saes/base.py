@@ -70,6 +70,11 @@ class SAE(nn.Module):
 
     arch: ClassVar[str] = ""
     config_class: ClassVar[type[SAEConfig]] = SAEConfig
+    # dtype of the no-grad matmul that only *chooses* the active latents during
+    # training (None: the parameters' dtype). The trainer sets bf16 where the
+    # CPU has bf16 matrix units; the chosen latents' values, the loss and every
+    # gradient are recomputed in full precision, so only near-ties can differ.
+    selection_dtype: torch.dtype | None = None
 
     def __init__(self, config: SAEConfig):
         super().__init__()
@@ -160,9 +165,15 @@ class SAE(nn.Module):
         return f"arch={self.arch}, d_in={self.d_in}, n_latents={self.n_latents}"
 
 
-def dense_pre_activations(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor | None, b_dec: torch.Tensor) -> torch.Tensor:
-    """(x - b_dec) @ W_enc.T + b_enc; x: (batch, d) -> (batch, n_latents)."""
+def dense_pre_activations(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor | None, b_dec: torch.Tensor,
+                          dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(x - b_dec) @ W_enc.T + b_enc; x: (batch, d) -> (batch, n_latents).
+
+    ``dtype`` (e.g. bf16) computes it in lower precision, for selection only."""
     centred = x - b_dec
+    if dtype is not None and dtype != centred.dtype:
+        centred, W_enc = centred.to(dtype), W_enc.to(dtype)
+        b_enc = None if b_enc is None else b_enc.to(dtype)
     if b_enc is None:
         return centred @ W_enc.t()
     return torch.addmm(b_enc, centred, W_enc.t())

@@ -61,7 +61,7 @@ class BatchTopKSAE(LinearEncoderSAE):
         """Training selection: dense pre-activations (no autograd), the batch's
         top B*k, sparse differentiable values. Returns (pre, code)."""
         with torch.no_grad():
-            pre = self.pre_activations(x)
+            pre = self.selection_pre_activations(x)
             indices, selected = batch_topk(pre, self.config.k)
         values = torch.relu(self.selected_pre_activations(x, indices))
         values = torch.where(selected, values, torch.zeros_like(values))

@@ -51,6 +51,10 @@ class LinearEncoderSAE(SAE):
         """(batch, d_in) -> (batch, n_latents) dense pre-activations."""
         return dense_pre_activations(x, self.W_enc, self.b_enc, self.b_dec)
 
+    def selection_pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense pre-activations used only to choose latents (no autograd), in ``selection_dtype``."""
+        return dense_pre_activations(x, self.W_enc, self.b_enc, self.b_dec, self.selection_dtype)
+
     def selected_pre_activations(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Differentiable pre-activations of the latents in ``indices`` (batch, K) only."""
         return sparse_encode(x - self.b_dec, self.W_enc, self.b_enc, indices)
@@ -90,7 +94,7 @@ class TopKSAE(LinearEncoderSAE):
 
     def training_forward(self, x: torch.Tensor, ctx: TrainContext) -> TrainOutput:
         with torch.no_grad():
-            pre = self.pre_activations(x)
+            pre = self.selection_pre_activations(x)
             indices = self.select(pre)
         values = torch.relu(self.selected_pre_activations(x, indices))
         recon = sparse_decode(indices, values, self.W_dec) + self.b_dec

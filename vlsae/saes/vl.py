@@ -220,7 +220,7 @@ class VLSAE(MultimodalSAE):
         for m, xm in batch.items():
             unit = self.unit_inputs(xm, m)
             with torch.no_grad():
-                cos_all = unit @ directions.t()
+                cos_all = _selection_cosines(unit, directions, self.selection_dtype)
                 indices = cos_all.topk(cfg.k, dim=1, sorted=False).indices
             values = self._distance_score(sparse_encode(unit, directions, None, indices))
             recon[m] = sparse_decode(indices, values, self.W_dec[m]) + self.b_dec[m]
@@ -238,6 +238,13 @@ class VLSAE(MultimodalSAE):
         return TrainOutput(recon=recon, losses=losses, code=code, metrics=metrics)
 
 
+def _selection_cosines(unit: torch.Tensor, directions: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """All cosines, only to choose the nearest concepts (no autograd); ``dtype`` may be bf16."""
+    if dtype is None or dtype == unit.dtype:
+        return unit @ directions.t()
+    return unit.to(dtype) @ directions.to(dtype).t()
+
+
 class _LinearTopKEncoder(nn.Module):
     """Linear + ReLU + TopK encoder used by the two ablations."""
 
@@ -246,10 +253,11 @@ class _LinearTopKEncoder(nn.Module):
         self.weight = nn.Parameter(init_from.detach().clone())
         self.bias = nn.Parameter(torch.zeros(n_latents))
 
-    def select(self, centred: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(indices (batch, k), differentiable values (batch, k))."""
+    def select(self, centred: torch.Tensor, k: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices (batch, k), differentiable values (batch, k)); ``dtype``: precision of the choice."""
         with torch.no_grad():
-            indices = dense_pre_activations(centred, self.weight, self.bias, torch.zeros_like(centred[0])).topk(k, dim=1, sorted=False).indices
+            pre = dense_pre_activations(centred, self.weight, self.bias, torch.zeros_like(centred[0]), dtype)
+            indices = pre.topk(k, dim=1, sorted=False).indices
         return indices, torch.relu(sparse_encode(centred, self.weight, self.bias, indices))
 
 
@@ -275,7 +283,7 @@ class VLSplitSAE(MultimodalSAE):
         batch = self.check_batch(x)
         recon, losses, metrics, codes = {}, {}, {}, []
         for m, xm in batch.items():
-            indices, values = self.enc[m].select(xm - self.b_dec[m], self.config.k)
+            indices, values = self.enc[m].select(xm - self.b_dec[m], self.config.k, self.selection_dtype)
             recon[m] = sparse_decode(indices, values, self.W_dec[m]) + self.b_dec[m]
             losses[f"recon_{m}"], metrics_m = self.modality_losses(xm, recon[m], m)
             metrics.update(metrics_m)
@@ -318,7 +326,8 @@ class VLSharedSAE(MultimodalSAE):
 
     def _select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            indices = dense_pre_activations(x, self.W_enc, self.b_enc, self.b_dec).topk(self.config.k, dim=1, sorted=False).indices
+            pre = dense_pre_activations(x, self.W_enc, self.b_enc, self.b_dec, self.selection_dtype)
+            indices = pre.topk(self.config.k, dim=1, sorted=False).indices
         return indices, torch.relu(sparse_encode(x - self.b_dec, self.W_enc, self.b_enc, indices))
 
     def encode(self, x: torch.Tensor, modality: str | None = None) -> SparseCode:  # type: ignore[override]

@@ -16,6 +16,7 @@ from vlsae.errors import VlsaeError
 
 # Fields a resumed run must share with the checkpoint (they change the numbers);
 # the rest (device, logging, progress) may differ between the two halves of a run.
+SELECTION_DTYPES = ("auto", "fp32", "bf16")
 RESUME_KEYS = ("steps", "batch_size", "lr", "betas", "adam_eps", "warmup_steps", "decay_fraction", "grad_clip",
                "seed", "b_dec_init", "init_rows", "normalize_input", "dead_tokens")
 
@@ -42,6 +43,9 @@ class TrainConfig:
     eval_rows: int = option(8192, help="rows (held-out when the data has a held-out part) for the end-of-run metrics")
     device: str = option("auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     autocast_bf16: bool = option(True, help="bf16 autocast on CUDA (ignored on the CPU)")
+    selection_dtype: str = option("auto", help="precision of the no-grad matmul that only chooses the active latents on the "
+                                               "CPU: fp32, bf16, or auto (bf16 where the CPU has bf16 matrix units, AMX or "
+                                               "AVX512-BF16); values, loss and gradients stay fp32 either way")
     tensorboard: bool = option(True, help="write TensorBoard logs next to metrics.jsonl")
     progress: bool = option(True, help="show a progress bar with live FVU / L0 / dead fraction")
 
@@ -56,6 +60,8 @@ class TrainConfig:
             raise VlsaeError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.dead_tokens is not None and self.dead_tokens <= 0:
             raise VlsaeError(f"train.dead_tokens must be positive, got {self.dead_tokens}")
+        if self.selection_dtype not in SELECTION_DTYPES:
+            raise VlsaeError(f"train.selection_dtype must be one of {', '.join(SELECTION_DTYPES)}, got '{self.selection_dtype}'")
         if self.init_rows <= 0 or self.eval_rows <= 0:
             raise VlsaeError("train.init_rows and train.eval_rows must be positive")
         if self.log_every <= 0:

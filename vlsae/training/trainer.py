@@ -77,6 +77,27 @@ def resolve_device(name: str) -> torch.device:
         raise VlsaeError(f"unknown device '{name}'; use auto, cpu or cuda") from None
 
 
+def cpu_has_bf16_matmul() -> bool:
+    """True when /proc/cpuinfo lists AMX-BF16 or AVX512-BF16 (there a bf16 matmul
+    runs ~3.7x faster than fp32: 82 vs 304 ms for 4096x512 @ 512x8192 on 2 Xeon cores)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_selection_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """``train.selection_dtype`` -> the dtype for the SAE's latent-choosing matmul (None: full precision).
+
+    On CUDA the bf16 autocast already covers that matmul, so only the CPU is affected."""
+    if device.type != "cpu" or name == "fp32":
+        return None
+    if name == "bf16" or cpu_has_bf16_matmul():
+        return torch.bfloat16
+    return None
+
+
 def is_multimodal(sae: SAE) -> bool:
     return bool(getattr(sae.config, "modalities", ()))
 
@@ -288,6 +309,7 @@ def train(sae: SAE, source: ActivationSource, config: TrainConfig | None = None,
         from tqdm.auto import tqdm
         bar = tqdm(total=config.steps, initial=start_step, desc=f"train {sae.arch}", unit="step", dynamic_ncols=True)
     use_autocast = device.type == "cuda" and config.autocast_bf16
+    sae.selection_dtype = resolve_selection_dtype(config.selection_dtype, device)
     batches = source.batches(config.batch_size, seed=config.seed, start=start_step)
     began = time.perf_counter()
     try:
@@ -328,6 +350,7 @@ def train(sae: SAE, source: ActivationSource, config: TrainConfig | None = None,
                 _checkpoint(out, sae, optimizer, last_fired, done, tokens,
                             elapsed_before + time.perf_counter() - began, scales, config, device)
     finally:
+        sae.selection_dtype = None  # inference and evaluation choose latents in full precision
         if bar is not None:
             bar.close()
         log.close()
