@@ -71,3 +71,45 @@ def summarize_matches(matches: list[ValueMatch]) -> dict[str, float]:
         "text_auroc": float(np.mean([m.text_auroc for m in matches])),
         "both_auroc_ge_0.9": float(np.mean([min(m.image_auroc, m.text_auroc) >= 0.9 for m in matches])),
     }
+
+
+def summarize_by_attribute(matches: list[ValueMatch]) -> dict[str, dict[str, float]]:
+    """:func:`summarize_matches` per attribute (the part of ``value`` before ``=``)."""
+    groups: dict[str, list[ValueMatch]] = {}
+    for m in matches:
+        groups.setdefault(m.value.split("=", 1)[0], []).append(m)
+    return {attr: summarize_matches(group) for attr, group in sorted(groups.items())}
+
+
+def linear_probe_auroc(train_x: torch.Tensor, train_labels: dict[str, np.ndarray], test_x: torch.Tensor,
+                       test_labels: dict[str, np.ndarray], l2: float = 1e-4, max_iter: int = 300) -> dict[str, float]:
+    """Held-out AUROC of a supervised logistic-regression probe per label: the ceiling for any latent.
+
+    A single SAE latent is one direction (or one nearest-concept test) read from
+    the same activations, so it cannot separate a value better than a probe
+    trained for it; values whose probe stays under a target show the *model*
+    does not hold them, not that the SAE missed them. All labels are fitted
+    jointly (one weight column each, full-batch L-BFGS on standardised inputs).
+    """
+    names = [n for n in sorted(test_labels) if n in train_labels and 0 < np.asarray(train_labels[n]).sum() < len(train_labels[n])]
+    if not names:
+        return {}
+    x = train_x.detach().float().cpu()
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    x = (x - mean) / std
+    y = torch.tensor(np.stack([np.asarray(train_labels[n], dtype=np.float32) for n in names], axis=1))
+    weight = torch.zeros(x.shape[1], len(names), requires_grad=True)
+    bias = torch.zeros(len(names), requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ weight + bias, y) + l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        scores = ((test_x.detach().float().cpu() - mean) / std) @ weight + bias
+    aurocs = auroc_matrix(scores, {n: test_labels[n] for n in names})
+    return {n: float(aurocs[n][i]) for i, n in enumerate(names) if n in aurocs}
