@@ -78,6 +78,15 @@ class ZooModel:
         return json.dumps(report.get("metrics", {}), indent=1)
 
 
+def training_world(overrides: dict[str, Any] | None, model: str):
+    """The ShapesWorldConfig a zoo model trains on: ShapesWorld's defaults plus ``overrides``
+    (a bad key is a one-line error naming ``model``)."""
+    from multimodal.shapesworld import ShapesWorldConfig
+    from vlsae.config import from_dict
+
+    return from_dict(ShapesWorldConfig, overrides, where=f"{model} world")
+
+
 def register_zoo_model(name: str) -> Callable[[type[ZooModel]], type[ZooModel]]:
     """Class decorator: make a zoo model trainable and loadable by ``name``."""
     def wrap(cls: type[ZooModel]) -> type[ZooModel]:

@@ -36,7 +36,7 @@ from torch import Tensor
 from vlsae.config import from_dict, option, to_dict
 from vlsae.errors import VlsaeError
 
-from multimodal.zoo import REPORT, ZooModel, register_zoo_model
+from multimodal.zoo import REPORT, ZooModel, register_zoo_model, training_world
 
 ARCH = "shapes-clip"
 WEIGHTS = "open_clip_model.safetensors"
@@ -101,9 +101,7 @@ def register_config(folder: Path) -> None:
 # -- data ---------------------------------------------------------------------------
 
 def _world_config(overrides: dict[str, Any]):
-    from multimodal.shapesworld import ShapesWorldConfig
-
-    return from_dict(ShapesWorldConfig, overrides, where="shapes-clip world")
+    return training_world(overrides, ARCH)
 
 
 def _render(world, indices) -> tuple[Tensor, list[str], list[dict]]:

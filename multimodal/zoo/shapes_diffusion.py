@@ -55,7 +55,7 @@ from torch import Tensor
 from vlsae.config import from_dict, option, to_dict
 from vlsae.errors import VlsaeError
 
-from multimodal.zoo import REPORT, ZooModel, register_zoo_model
+from multimodal.zoo import REPORT, ZooModel, register_zoo_model, training_world
 
 NAME = "shapes-diffusion"
 EVAL_OFFSET = 10_000_000  # real reference renders are ShapesWorld indices from here on
@@ -288,9 +288,7 @@ def load_pipeline(folder: str | Path, device: Any = "cpu"):
 # -- data ---------------------------------------------------------------------------
 
 def world_config(overrides: dict[str, Any]):
-    from multimodal.shapesworld import ShapesWorldConfig
-
-    return from_dict(ShapesWorldConfig, overrides, where="shapes-diffusion world")
+    return training_world(overrides, NAME)
 
 
 def render(world, indices: Sequence[int]) -> tuple[Tensor, list[str], list[dict]]:

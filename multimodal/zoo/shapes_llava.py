@@ -52,7 +52,7 @@ from torch import Tensor
 from vlsae.config import from_dict, option, to_dict
 from vlsae.errors import VlsaeError
 
-from multimodal.zoo import REPORT, ZooModel, register_zoo_model
+from multimodal.zoo import REPORT, ZooModel, register_zoo_model, training_world
 
 NAME = "shapes-llava"
 PROMPTS_FILE = "vlsae_prompts.json"  # read by the llava adapter: how a caption is put into the prompt
@@ -188,9 +188,7 @@ def build_model(cfg: ShapesLlavaConfig, vocab_size: int, image_size: int):
 # -- data ---------------------------------------------------------------------------------
 
 def _world_config(overrides: dict[str, Any]):
-    from multimodal.shapesworld import ShapesWorldConfig
-
-    return from_dict(ShapesWorldConfig, overrides, where="shapes-llava world")
+    return training_world(overrides, NAME)
 
 
 def render(world, indices) -> tuple[Tensor, list[str], list[dict]]:

@@ -26,7 +26,8 @@ def _cache(spec: DataSpec) -> ResolvedData:
         raise VlsaeError(f"--acts needs the activation cache (multimodal.cache), which cannot be imported ({exc}); "
                          "use --data FILE with a tensor file instead") from None
     cache = ActivationCache(spec.acts, modality=spec.modality) if spec.modality else ActivationCache(spec.acts)
-    return ResolvedData(cache)
+    origin = " ".join(str(cache.manifest[k]) for k in ("source", "hook", "tokens") if cache.manifest.get(k))
+    return ResolvedData(cache, hook=origin)
 
 
 def _one_modality(source: ActivationSource | None, modality: str) -> ActivationSource | None:

@@ -65,6 +65,7 @@ class ResolvedData:
 
     train: ActivationSource
     held_out: ActivationSource | None = None
+    hook: str = ""  # where the activations came from (e.g. "shapes-clip final cls"), recorded as sae.hook
 
 
 @dataclass
@@ -188,6 +189,8 @@ def run_training(run: RunConfig, resume: bool = False,
         d_in = widths
         sae_values = dict(run.sae)
     torch.manual_seed(run.train.seed)  # the SAE's initial weights are part of the run's seed
+    if resolved.hook and not sae_values.get("hook"):
+        sae_values["hook"] = resolved.hook
     sae = create_sae(run.arch, {**sae_values, "d_in": d_in})
     if out is not None and not resume:
         _write_run_yaml(out, run)

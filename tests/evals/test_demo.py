@@ -1,0 +1,21 @@
+"""The demo end to end at a small size: world, shipped shapes-clip, extraction, two SAEs, concept report."""
+import json
+
+from evals.demo import run_demo
+
+
+def test_small_demo_runs_every_stage_and_reuses_its_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLSAE_CACHE", str(tmp_path / "cache"))  # shapes-clip comes from the shipped copy
+    out = tmp_path / "demo"
+    results = run_demo(out, pairs=300, steps=40, synth=False, progress=False)
+    saved = json.loads((out / "demo.json").read_text())
+    assert set(saved["seconds"]) == {"world", "shapes-clip", "extract", "train", "concepts"}
+    assert 0 < results["topk"]["fvu"] < 1 and results["topk"]["l0"] > 0
+    assert 0 < results["vl"]["fvu_image"] < 1 and 0 < results["vl"]["fvu_text"] < 1
+    assert (out / "concepts" / "index.html").is_file()
+    assert results["concepts"]["planted"]["values"] > 20  # every ShapesWorld attribute value scored
+    config = json.loads((out / "vl" / "config.json").read_text())
+    assert config["config"]["n_latents"] == 64 and config["config"]["k"] == 16
+    assert config["config"]["hook"] == "shapes-clip final cls"  # the cache's origin is recorded with the SAE
+    again = run_demo(out, pairs=300, steps=40, synth=False, progress=False)  # finished parts are reused
+    assert again["vl"]["fvu_image"] == results["vl"]["fvu_image"]
