@@ -8,7 +8,10 @@ Columns: every registered vlsae architecture, a plain dense PyTorch TopK SAE
 EleutherAI sparsify's ``SparseCoder`` when it is installed (``pip install
 eai-sparsify``), stepped with torch's Adam as sparsify's ``optimizer="adam"``
 trainer path does and, for a kernel-only comparison, with fused Adam too.
-All rows run in the same process on the same data, one after the other.
+All rows run in the same process on the same data, interleaved: after the
+warm-up, each of ``--repeats`` rounds times one step of every implementation in
+turn, and each row reports its median, so a busy or quiet phase of a shared
+machine does not favour whichever row happened to run then.
 On a CPU with bf16 matrix units (AMX or AVX512-BF16) each vlsae architecture is
 timed twice: choosing the active latents in fp32 and in bf16
 (``train.selection_dtype``, the trainer's default there); the values, loss and
@@ -166,14 +169,25 @@ def main() -> None:
             candidates.append(("sparsify SparseCoder + Adam, CPU bf16 autocast", args.batch,
                                lambda: sparsify_step(x, args.d, args.latents, args.k, args.device, fused=False, cpu_bf16=True)))
 
+    built: list[tuple[str, int, Callable[[], None]]] = []
     for name, n_rows, build in candidates:
         step = build()
         if step is None:
             print(f"skipping {name}: not installed")
             continue
-        seconds = time_steps(step, args.warmup, args.repeats)
+        for _ in range(args.warmup):
+            step()
+        built.append((name, n_rows, step))
+    # Round-robin: every round times one step of each implementation, so a slow or fast phase
+    # of a shared machine hits all rows alike; the median over rounds is reported.
+    times: dict[str, list[float]] = {name: [] for name, _, _ in built}
+    for _ in range(args.repeats):
+        for name, _, step in built:
+            times[name].append(time_steps(step, 0, 1))
+    for name, n_rows, _ in built:
+        seconds = sorted(times[name])[len(times[name]) // 2]
         rows.append((name, seconds, n_rows))
-        print(f"{name:40s} {seconds * 1000:9.1f} ms/step {n_rows / seconds:12,.0f} tokens/s", flush=True)
+        print(f"{name:48s} {seconds * 1000:9.1f} ms/step {n_rows / seconds:12,.0f} tokens/s", flush=True)
 
     reference = next((n_rows / s for name, s, n_rows in rows if name == "sparsify SparseCoder + Adam"), None)
     machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
