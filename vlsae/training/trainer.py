@@ -21,11 +21,15 @@ What it adds around that contract:
   latents and AuxK gets to act); the mask goes to the SAE in :class:`TrainContext`;
 - one host-device sync per step, to stop at the first non-finite loss or batch
   (naming the step) before it reaches the weights or a checkpoint;
-- bf16 autocast on CUDA; checkpoints that resume bit-for-bit (``state.py``);
+- bf16 autocast on CUDA; on CPUs with bf16 matrix units the no-grad matmul that
+  only chooses the active latents runs in bf16 (``selection_dtype``), while the
+  chosen values, loss and gradients stay fp32; checkpoints that resume
+  bit-for-bit (``state.py``);
   JSONL + TensorBoard logs, a tqdm bar and a rich summary (``log.py``).
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -77,6 +81,7 @@ def resolve_device(name: str) -> torch.device:
         raise VlsaeError(f"unknown device '{name}'; use auto, cpu or cuda") from None
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_has_bf16_matmul() -> bool:
     """True when /proc/cpuinfo lists AMX-BF16 or AVX512-BF16 (there a bf16 matmul
     runs ~3.7x faster than fp32: 82 vs 304 ms for 4096x512 @ 512x8192 on 2 Xeon cores)."""
