@@ -48,6 +48,19 @@ class ZooModel:
     summary: ClassVar[str] = ""
     #: files that must exist in a finished model folder
     files: ClassVar[tuple[str, ...]] = ()
+    #: top-level entries of a trained folder left out of the shipped copy (rebuilt at load time
+    #: from other zoo models, e.g. a text encoder that duplicates shapes-clip's text tower)
+    ship_exclude: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def shipped_files(cls) -> tuple[str, ...]:
+        """The ``files`` a shipped copy holds (those outside ``ship_exclude``)."""
+        return tuple(f for f in cls.files if Path(f).parts[0] not in cls.ship_exclude)
+
+    @classmethod
+    def ship_extras(cls, source: Path) -> dict[str, str]:
+        """Extra text files (name -> content) written into a shipped copy of the trained ``source``."""
+        return {}
 
     @classmethod
     def train(cls, out_dir: Path, overrides: dict[str, Any], progress: bool = True) -> dict[str, Any]:
@@ -59,10 +72,11 @@ class ZooModel:
         raise NotImplementedError
 
     @classmethod
-    def require_files(cls, folder: str | Path) -> Path:
-        """``folder`` as a Path, after checking every file in ``files`` is there (one-line error if not)."""
+    def require_files(cls, folder: str | Path, shipped: bool = False) -> Path:
+        """``folder`` as a Path, after checking every file in ``files`` (``shipped_files`` for a
+        shipped copy) is there (one-line error if not)."""
         folder = Path(folder)
-        for name in cls.files:
+        for name in (cls.shipped_files() if shipped else cls.files):
             if not (folder / name).is_file():
                 raise VlsaeError(f"{folder} is not a trained {cls.name} ({name} missing); run vlsae zoo train {cls.name}")
         return folder
@@ -142,8 +156,9 @@ def shipped_dir(name: str) -> Path:
     return Path(__file__).resolve().parent / "shipped" / get_zoo_class(name).name
 
 
-def _complete(cls: type[ZooModel], folder: Path) -> bool:
-    return (folder / REPORT).is_file() and all((folder / f).is_file() for f in cls.files)
+def _complete(cls: type[ZooModel], folder: Path, shipped: bool = False) -> bool:
+    files = cls.shipped_files() if shipped else cls.files
+    return (folder / REPORT).is_file() and all((folder / f).is_file() for f in files)
 
 
 def is_trained(name: str) -> bool:
@@ -153,7 +168,7 @@ def is_trained(name: str) -> bool:
 
 def is_shipped(name: str) -> bool:
     """Whether the repository ships a trained ``name``."""
-    return _complete(get_zoo_class(name), shipped_dir(name))
+    return _complete(get_zoo_class(name), shipped_dir(name), shipped=True)
 
 
 def resolve_model_dir(name: str, use_shipped: bool = True) -> Path | None:
@@ -170,8 +185,9 @@ def ship_model(name: str, source: str | Path | None = None, dest: str | Path | N
 
     Floating-point tensors of every ``.safetensors`` file are stored as fp16
     (half the bytes; the model classes cast them back to their own dtype when
-    loading); every other file is copied as it is. Written to a temporary
-    sibling and swapped into place.
+    loading); every other file is copied as it is, except the model's
+    ``ship_exclude`` entries, and its ``ship_extras`` are added. Written to a
+    temporary sibling and swapped into place.
     """
     import torch
     from safetensors import safe_open
@@ -187,6 +203,8 @@ def ship_model(name: str, source: str | Path | None = None, dest: str | Path | N
     try:
         for path in sorted(src.rglob("*")):
             rel = path.relative_to(src)
+            if rel.parts[0] in cls.ship_exclude:
+                continue
             out = tmp / rel
             if path.is_dir():
                 out.mkdir(parents=True, exist_ok=True)
@@ -201,6 +219,8 @@ def ship_model(name: str, source: str | Path | None = None, dest: str | Path | N
                 save_file(tensors, str(out), metadata=metadata)
             else:
                 shutil.copy2(path, out)
+        for rel_name, text in cls.ship_extras(src).items():
+            (tmp / rel_name).write_text(text)
         os.chmod(tmp, 0o755)
         if target.exists():
             shutil.rmtree(target)

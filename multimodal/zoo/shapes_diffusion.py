@@ -41,6 +41,7 @@ and :func:`generate` takes either prompts or ``prompt_embeds``;
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import time
@@ -269,6 +270,41 @@ def quiet_loading():
         for module, enabled in previous:
             if enabled:
                 module.enable_progress_bar()
+
+
+SHIPPED_TEXT_ENCODER = "text_encoder.json"  # in a shipped copy: which shapes-clip text tower to rebuild
+
+
+def text_encoder_fingerprint(encoder: Any) -> str:
+    """sha256 of a text encoder's floating-point weights rounded to fp16 (what a shipped copy stores),
+    so a text tower rebuilt from shapes-clip can be checked against the one the UNet was trained with."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(encoder.state_dict().items()):
+        if tensor.is_floating_point():
+            digest.update(name.encode())
+            digest.update(tensor.detach().to(torch.float16).contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_shipped_pipeline(folder: str | Path, device: Any = "cpu"):
+    """A shipped copy: autoencoder, UNet and scheduler from ``folder``; the frozen text encoder and
+    tokenizer rebuilt from shapes-clip (the shipped copy leaves out that duplicate) and checked
+    against the fingerprint recorded when it was shipped."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    folder = Path(folder)
+    recorded = json.loads((folder / SHIPPED_TEXT_ENCODER).read_text())
+    report = json.loads((folder / REPORT).read_text()) if (folder / REPORT).is_file() else {}
+    encoder, tokenizer, _ = shapes_clip_text_encoder(report.get("config", {}).get("clip_folder", ""))
+    if text_encoder_fingerprint(encoder) != recorded.get("fingerprint"):
+        raise VlsaeError(f"the shipped {NAME} was trained with another shapes-clip text tower than the one found now "
+                         f"(a retrained shapes-clip in the cache?); run vlsae zoo train {NAME}")
+    with quiet_loading():
+        parts = {"vae": AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.float32, use_safetensors=True),
+                 "unet": UNet2DConditionModel.from_pretrained(folder / "unet", dtype=torch.float32, use_safetensors=True),
+                 "scheduler": DDIMScheduler.from_pretrained(folder / "scheduler"),
+                 "text_encoder": encoder.eval(), "tokenizer": tokenizer}
+    return assemble(parts).to(device)
 
 
 def load_pipeline(folder: str | Path, device: Any = "cpu"):
@@ -773,9 +809,24 @@ class ShapesDiffusion(ZooModel):
         cfg = from_dict(ShapesDiffusionConfig, overrides, where="shapes-diffusion training config")
         return train_shapes_diffusion(out_dir, cfg, progress=progress)
 
+    ship_exclude = ("text_encoder", "tokenizer")  # shapes-clip's text tower, shipped already with shapes-clip
+
+    @classmethod
+    def ship_extras(cls, source: Path) -> dict[str, str]:
+        from transformers import CLIPTextModel
+
+        report = json.loads((Path(source) / REPORT).read_text())
+        if report.get("config", {}).get("text_encoder", "shapes-clip") != "shapes-clip":
+            raise VlsaeError(f"only a {NAME} on shapes-clip's frozen text tower can be shipped without its text encoder")
+        with quiet_loading():
+            encoder = CLIPTextModel.from_pretrained(Path(source) / "text_encoder", use_safetensors=True)
+        return {SHIPPED_TEXT_ENCODER: json.dumps({"source": "shapes-clip", "fingerprint": text_encoder_fingerprint(encoder)})}
+
     @classmethod
     def load(cls, folder: Path, device: Any = "cpu"):
         """The trained ``StableDiffusionPipeline`` (its ``text_encoder``/``tokenizer`` are what the adapter reads)."""
+        if (Path(folder) / SHIPPED_TEXT_ENCODER).is_file() and not (Path(folder) / "text_encoder").is_dir():
+            return load_shipped_pipeline(cls.require_files(folder, shipped=True), device=device)
         folder = cls.require_files(folder)
         return load_pipeline(folder, device=device)
 

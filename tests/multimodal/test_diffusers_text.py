@@ -347,6 +347,27 @@ def test_training_on_the_frozen_shapes_clip_text_encoder(tiny_clip, tmp_path):
     assert all(torch.equal(saved[k], v) for k, v in encoder.state_dict().items())  # frozen: not trained
 
 
+def test_shipped_copy_leaves_out_and_rebuilds_the_shapes_clip_text_tower(tiny_clip, tmp_path):
+    """Shipping drops the text encoder (a copy of shapes-clip's text tower), stores fp16 weights and a
+    fingerprint; loading rebuilds the tower from shapes-clip and generates what the trained pipeline does."""
+    overrides = {**TINY, "text_encoder": "shapes-clip", "clip_folder": str(tiny_clip.path)}
+    trained = zoo.train_model("shapes-diffusion", overrides, out=tmp_path / "sd", progress=False)
+    shipped = zoo.ship_model("shapes-diffusion", source=trained.path, dest=tmp_path / "shipped")
+    assert not (shipped / "text_encoder").exists() and not (shipped / "tokenizer").exists()
+    assert (shipped / "text_encoder.json").is_file()
+    cls = zoo.get_zoo_class("shapes-diffusion")
+    assert all((shipped / f).is_file() for f in cls.shipped_files())
+    original = zoo.load_model("shapes-diffusion", folder=trained.path)
+    rebuilt = zoo.load_model("shapes-diffusion", folder=shipped)
+    a = generate(original, CAPTIONS[:2], seed=0, steps=2).float()
+    b = generate(rebuilt, CAPTIONS[:2], seed=0, steps=2).float()
+    assert (a - b).abs().max() <= 2  # fp16 rounding of the shipped weights, in 0-255 pixel levels
+    record = json.loads((shipped / "text_encoder.json").read_text())
+    (shipped / "text_encoder.json").write_text(json.dumps({**record, "fingerprint": "0" * 64}))
+    with pytest.raises(VlsaeError, match="another shapes-clip text tower"):
+        zoo.load_model("shapes-diffusion", folder=shipped)
+
+
 def test_judges_with_a_tiny_shapes_clip_and_cnn(trained, tiny_clip):
     from multimodal.zoo.shapes_diffusion import ShapesDiffusion
 
