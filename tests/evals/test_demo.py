@@ -15,7 +15,7 @@ def test_small_demo_runs_every_stage_and_reuses_its_folder(tmp_path, monkeypatch
     assert (out / "concepts" / "index.html").is_file()
     assert results["concepts"]["planted"]["values"] > 20  # every ShapesWorld attribute value scored
     config = json.loads((out / "vl" / "config.json").read_text())
-    assert config["config"]["n_latents"] == 64 and config["config"]["k"] == 16
+    assert config["config"]["n_latents"] == 40 and config["config"]["k"] == 20
     assert config["config"]["hook"] == "shapes-clip final cls"  # the cache's origin is recorded with the SAE
     again = run_demo(out, pairs=300, steps=40, synth=False, progress=False)  # finished parts are reused
     assert again["vl"]["fvu_image"] == results["vl"]["fvu_image"]
