@@ -101,6 +101,15 @@ def training_world(overrides: dict[str, Any] | None, model: str):
     return from_dict(ShapesWorldConfig, overrides, where=f"{model} world")
 
 
+def training_bar(total: int, desc: str, progress: bool):
+    """The zoo trainers' tqdm bar (None when ``progress`` is off; hidden when not on a terminal)."""
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", leave=False, disable=None)
+
+
 def register_zoo_model(name: str) -> Callable[[type[ZooModel]], type[ZooModel]]:
     """Class decorator: make a zoo model trainable and loadable by ``name``."""
     def wrap(cls: type[ZooModel]) -> type[ZooModel]:

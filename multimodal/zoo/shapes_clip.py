@@ -36,7 +36,7 @@ from torch import Tensor
 from vlsae.config import from_dict, option, to_dict
 from vlsae.errors import VlsaeError
 
-from multimodal.zoo import REPORT, ZooModel, register_zoo_model, training_world
+from multimodal.zoo import REPORT, ZooModel, register_zoo_model, training_bar, training_world
 
 ARCH = "shapes-clip"
 WEIGHTS = "open_clip_model.safetensors"
@@ -99,10 +99,6 @@ def register_config(folder: Path) -> None:
 
 
 # -- data ---------------------------------------------------------------------------
-
-def _world_config(overrides: dict[str, Any]):
-    return training_world(overrides, ARCH)
-
 
 def _render(world, indices) -> tuple[Tensor, list[str], list[dict]]:
     """uint8 images (n, 3, H, W), captions and metadata of ShapesWorld pairs."""
@@ -179,7 +175,7 @@ def train_shapes_clip(out_dir: Path, cfg: ShapesClipConfig, progress: bool = Tru
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    world = _world_config(cfg.world)
+    world = training_world(cfg.world, ARCH)
     started = time.perf_counter()
     images, captions, _ = _render(world, range(cfg.n_train))
     n_hard = int(round(cfg.batch_size * cfg.hard_fraction)) // cfg.group_size * cfg.group_size
@@ -210,11 +206,7 @@ def train_shapes_clip(out_dir: Path, cfg: ShapesClipConfig, progress: bool = Tru
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     losses: list[float] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, desc="train shapes-clip", unit="step", leave=False, disable=None)
+    bar = training_bar(cfg.steps, "train shapes-clip", progress)
     train_started = time.perf_counter()
     order = torch.randperm(cfg.n_train, generator=generator)
     cursor = 0
@@ -381,7 +373,7 @@ class ShapesClip(ZooModel):
     def evaluate(cls, folder: Path, device: Any = "cpu") -> dict[str, Any]:
         loaded = cls.load(folder, device=device)
         cfg = from_dict(ShapesClipConfig, loaded.report.get("config", {}), where="shapes-clip training config")
-        world = _world_config(cfg.world)
+        world = training_world(cfg.world, ARCH)
         return {"zero_shot": zero_shot_accuracy(loaded.model, loaded.tokenizer, world,
                                                 range(EVAL_OFFSET, EVAL_OFFSET + cfg.n_eval))}
 

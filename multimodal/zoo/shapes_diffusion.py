@@ -56,7 +56,7 @@ from torch import Tensor
 from vlsae.config import from_dict, option, to_dict
 from vlsae.errors import VlsaeError
 
-from multimodal.zoo import REPORT, ZooModel, register_zoo_model, training_world
+from multimodal.zoo import REPORT, ZooModel, register_zoo_model, training_bar, training_world
 
 NAME = "shapes-diffusion"
 EVAL_OFFSET = 10_000_000  # real reference renders are ShapesWorld indices from here on
@@ -350,14 +350,6 @@ def _cosine(step: int, total: int, peak: float, warmup: int = 0) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _bar(total: int, desc: str, progress: bool):
-    if not progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", leave=False, disable=None)
-
-
 def object_mask(x: Tensor, threshold: float = 0.1) -> Tensor:
     """(n, 1, H, W) 1.0 where a pixel differs from its image's top-left corner (the plain background).
 
@@ -376,7 +368,7 @@ def train_autoencoder(vae, pixels: Tensor, cfg: ShapesDiffusionConfig, generator
         vae.encoder.conv_out.bias[cfg.latent_channels:] = 0.0
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     losses: list[float] = []
-    bar = _bar(cfg.vae_steps, "train shapes-diffusion autoencoder", progress)
+    bar = training_bar(cfg.vae_steps, "train shapes-diffusion autoencoder", progress)
     for step in range(cfg.vae_steps):
         for group in optimizer.param_groups:
             group["lr"] = _cosine(step, cfg.vae_steps, cfg.vae_lr, warmup=min(20, cfg.vae_steps // 10))
@@ -473,7 +465,7 @@ def train_shapes_diffusion(out_dir: Path, cfg: ShapesDiffusionConfig, progress: 
     averaged = list(unet.parameters()) + ([] if frozen else list(text_encoder.parameters()))
     ema = [p.detach().clone() for p in averaged] if cfg.ema > 0 else []
     losses: list[float] = []
-    bar = _bar(cfg.steps, "train shapes-diffusion", progress)
+    bar = training_bar(cfg.steps, "train shapes-diffusion", progress)
     tick = time.perf_counter()
     for step in range(cfg.steps):
         for group in optimizer.param_groups:

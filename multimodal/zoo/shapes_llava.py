@@ -52,7 +52,7 @@ from torch import Tensor
 from vlsae.config import from_dict, option, to_dict
 from vlsae.errors import VlsaeError
 
-from multimodal.zoo import REPORT, ZooModel, register_zoo_model, training_world
+from multimodal.zoo import REPORT, ZooModel, register_zoo_model, training_bar, training_world
 
 NAME = "shapes-llava"
 PROMPTS_FILE = "vlsae_prompts.json"  # read by the llava adapter: how a caption is put into the prompt
@@ -186,10 +186,6 @@ def build_model(cfg: ShapesLlavaConfig, vocab_size: int, image_size: int):
 
 
 # -- data ---------------------------------------------------------------------------------
-
-def _world_config(overrides: dict[str, Any]):
-    return training_world(overrides, NAME)
-
 
 def render(world, indices) -> tuple[Tensor, list[str], list[dict]]:
     """uint8 images (n, 3, H, W), captions and metadata of ShapesWorld records ``indices``."""
@@ -466,7 +462,7 @@ def train_shapes_llava(out_dir: Path, cfg: ShapesLlavaConfig, progress: bool = T
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    world = _world_config(cfg.world)
+    world = training_world(cfg.world, NAME)
     started = time.perf_counter()
     images, _, metas = render(world, range(cfg.n_train))
     captions = [reading_order_caption(world, meta, i) for i, meta in enumerate(metas)]
@@ -492,11 +488,7 @@ def train_shapes_llava(out_dir: Path, cfg: ShapesLlavaConfig, progress: bool = T
     if per_step < 1 or per_step > cfg.n_train:
         raise VlsaeError(f"describe_batch + question_batch must be between 1 and n_train ({cfg.n_train})")
     losses: dict[str, list[float]] = {"describe": [], "yes_no": []}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.vision_steps + cfg.steps, desc=f"train {NAME}", unit="step", leave=False, disable=None)
+    bar = training_bar(cfg.vision_steps + cfg.steps, f"train {NAME}", progress)
     model.train()
     train_started = time.perf_counter()
     losses["vision"] = pretrain_vision(model, images, metas, cfg, generator, attribute_word_ids(tokenizer), bar)
@@ -710,7 +702,7 @@ class ShapesLlava(ZooModel):
     def evaluate(cls, folder: Path, device: Any = "cpu") -> dict[str, Any]:
         loaded = cls.load(folder, device=device)
         cfg = from_dict(ShapesLlavaConfig, loaded.report.get("config", {}), where=f"{NAME} training config")
-        return evaluate(loaded.model, loaded.processor.tokenizer, _world_config(cfg.world), cfg)
+        return evaluate(loaded.model, loaded.processor.tokenizer, training_world(cfg.world, NAME), cfg)
 
     @classmethod
     def describe_report(cls, report: dict[str, Any]) -> str:
