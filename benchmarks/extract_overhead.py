@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--in-process", action="store_true", help="prepare in threads of this process (no reader process)")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             prep = prepare_time(adapter, pairs, hook, args.batch_size)
             config = ExtractConfig(model=args.model, data=data, out=str(Path(tmp) / f"acts-{hook}"), hook=hook,
                                    tokens=tokens, batch_size=args.batch_size, dtype=args.dtype, limit=args.pairs,
-                                   workers=args.workers, progress=False)
+                                   workers=args.workers, reader_process=not args.in_process, progress=False)
             result = extract(config, adapter=adapter)
             per_batch = result.seconds / max(result.batches, 1)
             inside = result.forward_seconds / max(result.batches, 1)

@@ -5,10 +5,14 @@ runs an adapter in batches and streams the activations into an
 :class:`~multimodal.cache.ActivationWriter`. :func:`extract_pairs` does the same
 for any iterable of pair records (tests, in-memory data).
 
-Pipeline: a background thread reads records and batches them, a small thread
-pool runs ``adapter.prepare`` (image transforms, tokenising) on the next
-batches, and the main thread runs the model and writes shards, so reading and
-preprocessing overlap the forward pass. Batch order is the record order.
+Pipeline: a reader process (one PyTorch ``DataLoader`` worker, forked) reads
+records, batches them and runs ``adapter.prepare`` (decoding, image transforms,
+tokenising) in a small thread pool; the main process only runs the model and
+writes shards. Reading and preprocessing thus overlap the forward pass without
+holding the main process's interpreter lock, which on a small CPU is what makes
+them cost time (``reader_process=False`` keeps them in background threads of
+this process). Batch order is the record order either way, and an error while
+reading reaches the caller after the batches before it, as it would in-process.
 
 Resuming: when ``out`` holds an unfinished cache with the same settings, the
 pairs of its finished shards are skipped by position. Extraction restarts at
@@ -54,6 +58,7 @@ class ExtractConfig:
     shard_rows: int = option(50_000, help="rows per cache shard (a shard closes once a modality reaches it)")
     limit: int | None = option(None, help="stop after this many pairs (None: all)")
     workers: int = option(2, help="threads preparing batches (image transforms, tokenising) ahead of the model")
+    reader_process: bool = option(True, help="read and prepare batches in a separate process (off: threads of this process)")
     overwrite: bool = option(False, help="replace an existing cache at out")
     progress: bool = option(True, help="show a progress bar")
 
@@ -158,13 +163,78 @@ class _Prefetcher:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+@dataclass
+class _ReadFailure:
+    """An exception raised in the reader process, carried to the main process to be raised there."""
+
+    error: BaseException
+
+
+class _PreparedBatches(torch.utils.data.IterableDataset):
+    """The reader process's work: batches of records, prepared by a thread pool, in order."""
+
+    def __init__(self, batches: Callable[[], Iterator[list[Any]]], prepare: Callable[[list[Any]], Any], workers: int):
+        self.batches = batches
+        self.prepare = prepare
+        self.workers = workers
+
+    def __iter__(self) -> Iterator[Any]:
+        prefetch = _Prefetcher(self.batches(), self.prepare, workers=self.workers, depth=self.workers + 2)
+        try:
+            for _, prepared in prefetch:
+                yield prepared
+        except Exception as exc:  # noqa: BLE001 - every reading error is the caller's to see
+            yield _ReadFailure(_picklable(exc))
+        finally:
+            prefetch.close()
+
+
+def _picklable(exc: BaseException) -> BaseException:
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001
+        return VlsaeError(f"{type(exc).__name__}: {exc}")
+
+
+def _prepared_stream(batches: Callable[[], Iterator[list[Any]]], prepare: Callable[[list[Any]], Any], workers: int,
+                     in_process: bool) -> Iterator[Any]:
+    """Prepared batches in order, from a forked reader process (or, with ``in_process``, from threads here)."""
+    if in_process:
+        prefetch = _Prefetcher(batches(), prepare, workers=workers, depth=workers + 2)
+        try:
+            for _, prepared in prefetch:
+                yield prepared
+        finally:
+            prefetch.close()
+        return
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(_PreparedBatches(batches, prepare, workers), batch_size=None, num_workers=1,
+                        multiprocessing_context="fork", prefetch_factor=max(2, workers + 2))
+    iterator = iter(loader)
+    try:
+        for item in iterator:
+            if isinstance(item, _ReadFailure):
+                raise item.error
+            yield item
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
 def extract_pairs(adapter: Adapter, records: Iterable[Any], out: str | Path, hook: str = "final", tokens: str = "cls",
                   batch_size: int = 64, shard_rows: int = 50_000, limit: int | None = None, overwrite: bool = False,
                   workers: int = 2, progress: bool = True, data: str = "",
-                  info: dict[str, Any] | None = None) -> ExtractResult:
+                  info: dict[str, Any] | None = None, reader_process: bool = True) -> ExtractResult:
     """Run ``adapter`` over ``records`` (pair records in a fixed order) into the cache folder ``out``.
 
     ``data`` names the records' source in the manifest (it must match to resume).
+    ``reader_process`` reads and prepares batches in a forked process (see the
+    module docstring); ``records`` is then iterated there, not here.
     """
     if batch_size < 1:
         raise VlsaeError(f"batch size must be at least 1, got {batch_size}")
@@ -210,10 +280,11 @@ def extract_pairs(adapter: Adapter, records: Iterable[Any], out: str | Path, hoo
 
         bar = tqdm(total=limit, initial=done, unit="pair", desc=f"extract {hook}", dynamic_ncols=True,
                    disable=None, leave=False)
-    prefetch = _Prefetcher(_batched(positioned(), batch_size),
-                           lambda batch: adapter.prepare(batch, modalities=modalities), workers=workers, depth=workers + 2)
+    stream = _prepared_stream(lambda: _batched(positioned(), batch_size),
+                              lambda batch: adapter.prepare(batch, modalities=modalities), workers=workers,
+                              in_process=not reader_process)
     try:
-        for _, prepared in prefetch:
+        for prepared in stream:
             tick = time.perf_counter()
             batch = adapter.forward(prepared, hook, tokens)
             forward_seconds += time.perf_counter() - tick
@@ -224,7 +295,7 @@ def extract_pairs(adapter: Adapter, records: Iterable[Any], out: str | Path, hoo
             if bar is not None:
                 bar.update(len(batch.keys))
     finally:
-        prefetch.close()
+        stream.close()
         if bar is not None:
             bar.close()
     if writer.resume_position == 0 and not writer._pending_keys:
@@ -255,5 +326,6 @@ def extract(config: ExtractConfig, adapter: Adapter | None = None) -> ExtractRes
     return extract_pairs(adapter, records, config.out, hook=config.hook, tokens=config.tokens,
                          batch_size=config.batch_size, shard_rows=config.shard_rows, limit=config.limit,
                          overwrite=config.overwrite, workers=config.workers, progress=config.progress,
+                         reader_process=config.reader_process,
                          data=config.data, info={"batch_size": config.batch_size, "device": str(adapter.device),
                                                  "compute_dtype": dtype_name(adapter.dtype)})

@@ -19,6 +19,10 @@ Hook points (batch-first token tensors of the towers' residual blocks):
   tower is causal, so its ``cls`` row is the token open_clip pools: the
   end-of-text token for CLIP's ``argmax`` pooling (the first end-of-text token
   for ``eos`` pooling, the first/last position for ``first``/``last``).
+  For a Hugging Face text tower (``text_cfg.hf_model_name``, e.g. BERT or
+  RoBERTa, as in ``shapes-clip-minilm``) block N is encoder layer N; ``cls`` is
+  the first token (``[CLS]``/``<s>``), ``all`` the non-padding tokens and
+  ``patch`` those without the first and the end token.
 
 Token modes are in :mod:`multimodal.adapters.base`. Hooks for two modalities
 combine with a comma: ``visual.blocks.5,text.blocks.3``.
@@ -152,7 +156,17 @@ def _tower_parts(model: Any) -> dict[str, Any]:
         parts.update(text_blocks=list(text.transformer.resblocks), text_seq_first=not text.transformer.batch_first,
                      text_pool=text.pool_type, text_eos=getattr(text, "eos_id", None),
                      text_cls_emb=getattr(text, "cls_emb", None) is not None)
+    elif _hf_layers(text) is not None:  # open_clip's HFTextEncoder: a transformers encoder
+        parts.update(text_blocks=_hf_layers(text), text_seq_first=False, text_pool="hf",
+                     text_pad=int(text.config.pad_token_id), text_cls_emb=False)
     return parts
+
+
+def _hf_layers(text: Any) -> list[Any] | None:
+    """The layers of a Hugging Face text tower (``text.transformer.encoder.layer`` for BERT-like models)."""
+    encoder = getattr(getattr(text, "transformer", None), "encoder", None)
+    layers = getattr(encoder, "layer", None) if encoder is not None else None
+    return list(layers) if layers is not None and hasattr(text, "config") else None
 
 
 def pooled_text_position(ids: Tensor, pool: str, eos_id: int | None, seq_len: int) -> Tensor:
@@ -276,6 +290,12 @@ class OpenClipAdapter(Adapter):
         batch, seq, _ = hidden.shape
         positions = torch.arange(seq, device=hidden.device).expand(batch, seq)
         pool = parts["text_pool"]
+        if pool == "hf":  # bidirectional encoder: first token = [CLS], the last real one = [SEP]
+            all_mask = ids != parts["text_pad"]
+            last = all_mask.long().sum(dim=1, keepdim=True) - 1
+            cls_pos = torch.zeros(batch, dtype=torch.long, device=hidden.device)
+            patch_mask = all_mask & (positions != 0) & (positions != last)
+            return select_tokens(hidden, tokens, cls_pos, patch_mask, all_mask)
         cls_pos = pooled_text_position(ids, pool, parts["text_eos"], seq)
         if pool in ("argmax", "eos"):
             all_mask = positions <= cls_pos.unsqueeze(1)
@@ -297,13 +317,21 @@ class OpenClipAdapter(Adapter):
 class ShapesClipAdapter(OpenClipAdapter):
     usage = "shapes-clip"
     summary = "the embedded small CLIP trained on ShapesWorld (trained on first use, then cached)"
+    zoo_name = "shapes-clip"
 
     @classmethod
     def from_spec(cls, rest: str, device: torch.device, dtype: torch.dtype, **options: Any) -> "ShapesClipAdapter":
         if rest:
-            raise VlsaeError("shapes-clip takes no arguments; for another checkpoint use open_clip:shapes-clip:FILE")
+            raise VlsaeError(f"{cls.zoo_name} takes no arguments; for another checkpoint use open_clip:{cls.zoo_name}:FILE")
         from multimodal.zoo import load_model
 
-        loaded = load_model("shapes-clip", device=device, **options)
-        return cls(loaded.model, loaded.preprocess, loaded.tokenizer, device, dtype, arch="shapes-clip",
+        loaded = load_model(cls.zoo_name, device=device, **options)
+        return cls(loaded.model, loaded.preprocess, loaded.tokenizer, device, dtype, arch=cls.zoo_name,
                    weights=str(loaded.weights))
+
+
+@register_adapter("shapes-clip-minilm")
+class ShapesClipMiniLMAdapter(ShapesClipAdapter):
+    usage = "shapes-clip-minilm"
+    summary = "the embedded CLIP whose text tower is the real pretrained all-MiniLM-L6-v2 (trained on first use)"
+    zoo_name = "shapes-clip-minilm"

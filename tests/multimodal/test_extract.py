@@ -96,6 +96,15 @@ def test_interrupted_extraction_resumes_to_the_same_cache(clip, tmp_path, hook, 
     assert_same_cache(tmp_path / "straight", tmp_path / "resumed")
 
 
+def test_reader_process_and_threads_write_the_same_cache(clip, tmp_path):
+    kwargs = dict(batch_size=8, shard_rows=10, progress=False, data="mem")
+    extract_pairs(clip, PAIRS, tmp_path / "process", reader_process=True, **kwargs)
+    extract_pairs(clip, PAIRS, tmp_path / "threads", reader_process=False, **kwargs)
+    assert_same_cache(tmp_path / "process", tmp_path / "threads")
+    with pytest.raises(Interrupt):  # an error while reading reaches the caller from either reader
+        extract_pairs(clip, interrupted(PAIRS, 3), tmp_path / "t2", reader_process=False, **kwargs)
+
+
 def test_resume_checks_the_data(clip, tmp_path):
     with pytest.raises(Interrupt):
         extract_pairs(clip, interrupted(PAIRS, 25), tmp_path / "acts", batch_size=8, shard_rows=10, progress=False, data="mem")
