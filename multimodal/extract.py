@@ -202,28 +202,25 @@ def _picklable(exc: BaseException) -> BaseException:
 def _prepared_stream(batches: Callable[[], Iterator[list[Any]]], prepare: Callable[[list[Any]], Any], workers: int,
                      in_process: bool) -> Iterator[Any]:
     """Prepared batches in order, from a forked reader process (or, with ``in_process``, from threads here)."""
-    if in_process:
-        prefetch = _Prefetcher(batches(), prepare, workers=workers, depth=workers + 2)
-        try:
-            for _, prepared in prefetch:
-                yield prepared
-        finally:
-            prefetch.close()
-        return
-    from torch.utils.data import DataLoader
+    import multiprocessing
 
-    loader = DataLoader(_PreparedBatches(batches, prepare, workers), batch_size=None, num_workers=1,
-                        multiprocessing_context="fork", prefetch_factor=max(2, workers + 2))
-    iterator = iter(loader)
+    stream = _PreparedBatches(batches, prepare, workers)
+    if in_process or "fork" not in multiprocessing.get_all_start_methods():  # no fork (Windows): threads here
+        items: Any = iter(stream)
+        stop = items.close
+    else:
+        from torch.utils.data import DataLoader
+
+        items = iter(DataLoader(stream, batch_size=None, num_workers=1, multiprocessing_context="fork",
+                                prefetch_factor=max(2, workers + 2)))
+        stop = getattr(items, "_shutdown_workers", lambda: None)
     try:
-        for item in iterator:
+        for item in items:
             if isinstance(item, _ReadFailure):
                 raise item.error
             yield item
     finally:
-        shutdown = getattr(iterator, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        stop()
 
 
 def extract_pairs(adapter: Adapter, records: Iterable[Any], out: str | Path, hook: str = "final", tokens: str = "cls",

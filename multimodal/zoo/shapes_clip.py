@@ -56,10 +56,10 @@ class ShapesClipConfig:
     """Training settings of shapes-clip (``vlsae zoo train shapes-clip --set key=value``)."""
 
     seed: int = option(0, help="seed of the model init and the batch order (the pairs' seed is world.seed)")
-    steps: int = option(600, help="optimizer steps")
+    steps: int = option(1500, help="optimizer steps (600 gave zero-shot shape 50 %, 1500 gives 86 %)")
     batch_size: int = option(256, help="pairs per contrastive batch")
     lr: float = option(2e-3, help="peak AdamW learning rate (linear warm-up, cosine decay)")
-    warmup: int = option(60, help="warm-up steps")
+    warmup: int = option(100, help="warm-up steps")
     weight_decay: float = option(0.1, help="AdamW weight decay on matrices")
     n_train: int = option(20_000, help="distinct ShapesWorld pairs (1-3 objects) rendered for training")
     n_single: int = option(20_000, help="distinct single-object pairs rendered for the hard-negative groups")

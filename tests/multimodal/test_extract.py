@@ -172,6 +172,8 @@ def test_cli_extract_on_world_shards(clip, world, tmp_path, capsys):
     torch.testing.assert_close(cache.read_all()["text"][:8], clip.extract(records[:8])["text"])
     assert main(args) == 2
     assert "already complete" in capsys.readouterr().err
+    assert main([*args[:6], str(tmp_path / "threads"), *args[7:], "--in-process"]) == 0
+    assert ActivationCache(tmp_path / "threads").keys() == cache.keys()
     assert main(["extract", "--model", clip.spec, "--data", world, "--out", str(tmp_path / "b"), "--hook", "text.blocks.5"]) == 2
     assert "valid hook points" in capsys.readouterr().err
     assert main(["extract", "--model", clip.spec, "--out", str(tmp_path / "c")]) == 2
