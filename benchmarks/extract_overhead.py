@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--in-process", action="store_true", help="prepare in threads of this process (no reader process)")
+    parser.add_argument("--reader-process", action="store_true", help="read and prepare in a forked reader process")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         pairs = [p for _, p in zip(range(args.batch_size), iter_pairs(data))]
 
         table = Table(title=f"extraction overhead: {args.model} on {adapter.device} ({args.dtype}), "
-                            f"batch {args.batch_size}, {args.workers} prepare threads, torch threads {torch.get_num_threads()}")
+                            f"batch {args.batch_size}, {args.workers} prepare threads{' in a reader process' if args.reader_process else ''}, torch threads {torch.get_num_threads()}")
         for column in ("hook", "tokens", "bare forward ms/batch", "prepare ms/batch (1 thread)",
                        "forward ms/batch inside extract", "extract ms/batch", "overhead", "pairs/s"):
             table.add_column(column, justify="right" if column not in ("hook", "tokens") else "left")
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             prep = prepare_time(adapter, pairs, hook, args.batch_size)
             config = ExtractConfig(model=args.model, data=data, out=str(Path(tmp) / f"acts-{hook}"), hook=hook,
                                    tokens=tokens, batch_size=args.batch_size, dtype=args.dtype, limit=args.pairs,
-                                   workers=args.workers, reader_process=not args.in_process, progress=False)
+                                   workers=args.workers, reader_process=args.reader_process, progress=False)
             result = extract(config, adapter=adapter)
             per_batch = result.seconds / max(result.batches, 1)
             inside = result.forward_seconds / max(result.batches, 1)

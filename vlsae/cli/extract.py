@@ -29,8 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-rows", type=int, default=50_000, help=h["shard_rows"] + " (default: 50000)")
     parser.add_argument("--limit", type=int, default=None, help=h["limit"])
     parser.add_argument("--workers", type=int, default=2, help=h["workers"] + " (default: 2)")
-    parser.add_argument("--in-process", action="store_true",
-                        help="read and prepare batches in threads of this process instead of a reader process")
+    parser.add_argument("--reader-process", action="store_true", help=h["reader_process"])
     parser.add_argument("--overwrite", action="store_true", help=h["overwrite"])
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--list-hooks", action="store_true", help="print the hook points of --model and exit")
@@ -52,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     config = ExtractConfig(model=args.model, data=args.data, out=args.out, hook=args.hook, tokens=args.tokens,
                            batch_size=args.batch_size, dtype=args.dtype, device=args.device,
                            shard_rows=args.shard_rows, limit=args.limit, workers=args.workers,
-                           reader_process=not args.in_process, overwrite=args.overwrite, progress=not args.no_progress)
+                           reader_process=args.reader_process, overwrite=args.overwrite, progress=not args.no_progress)
     result = extract(config)
     resumed = f", resumed after {result.resumed_from}" if result.resumed_from else ""
     rows = ", ".join(f"{m} {n} x {result.width[m]}" for m, n in result.rows.items())
