@@ -22,7 +22,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,6 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from vlsae.config import from_dict, option, to_dict
-from vlsae.errors import VlsaeError
 
 from multimodal.zoo import REPORT, ZooModel, register_zoo_model, training_bar, training_world
 
@@ -52,11 +50,11 @@ ZERO_SHOT_ATTRIBUTES = ("shape", "colour", "size", "position")
 
 
 @dataclass
-class ShapesClipConfig:
-    """Training settings of shapes-clip (``vlsae zoo train shapes-clip --set key=value``)."""
+class ContrastiveTrainingConfig:
+    """What every contrastive zoo CLIP trains with (its data, batches, optimiser and vision tower)."""
 
     seed: int = option(0, help="seed of the model init and the batch order (the pairs' seed is world.seed)")
-    steps: int = option(1500, help="optimizer steps (600 gave zero-shot shape 50 %, 1500 gives 86 %)")
+    steps: int = option(1500, help="optimizer steps (shapes-clip: 600 gave zero-shot shape 50 %, 1500 gives 86 %)")
     batch_size: int = option(256, help="pairs per contrastive batch")
     lr: float = option(2e-3, help="peak AdamW learning rate (linear warm-up, cosine decay)")
     warmup: int = option(100, help="warm-up steps")
@@ -66,18 +64,24 @@ class ShapesClipConfig:
     hard_fraction: float = option(0.5, help="fraction of each batch made of hard-negative groups: single-object "
                                             "pairs that agree on every attribute but one")
     group_size: int = option(8, help="pairs per hard-negative group")
-    n_eval: int = option(1_000, help="held-out single-object pairs for the zero-shot evaluation")
+    n_eval: int = option(1_000, help="held-out single-object pairs for the zero-shot evaluation (0: no evaluation)")
     embed_dim: int = option(128, help="joint embedding width")
     patch_size: int = option(16, help="ViT patch size (64x64 images)")
     vision_width: int = option(128, help="vision transformer width")
     vision_layers: int = option(4, help="vision transformer blocks")
-    text_width: int = option(128, help="text transformer width")
-    text_layers: int = option(3, help="text transformer blocks")
-    heads: int = option(4, help="attention heads in both towers")
-    context_length: int = option(48, help="text tokens per caption (open_clip tokenizer; longer ones are truncated)")
+    heads: int = option(4, help="attention heads (vision tower, and shapes-clip's text tower)")
+    context_length: int = option(48, help="text tokens per caption (longer ones are truncated)")
     world: dict = option(None, factory=lambda: dict(TRAIN_WORLD),
                          help="ShapesWorldConfig overrides for the training pairs (default: captions name every size and position)")
     threads: int = option(0, help="torch CPU threads while training (0: leave torch's setting)")
+
+
+@dataclass
+class ShapesClipConfig(ContrastiveTrainingConfig):
+    """Training settings of shapes-clip (``vlsae zoo train shapes-clip --set key=value``)."""
+
+    text_width: int = option(128, help="text transformer width")
+    text_layers: int = option(3, help="text transformer blocks")
 
 
 def model_config(cfg: ShapesClipConfig, image_size: int) -> dict[str, Any]:
@@ -169,13 +173,20 @@ def _lr_at(step: int, cfg: ShapesClipConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train_shapes_clip(out_dir: Path, cfg: ShapesClipConfig, progress: bool = True) -> dict[str, Any]:
-    """Train into ``out_dir``; returns the report (settings, loss curve, zero-shot accuracy)."""
-    import open_clip
+@dataclass
+class TrainingPairs:
+    """What a contrastive zoo model trains on: rendered pairs and the hard-negative groups among them."""
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    world = training_world(cfg.world, ARCH)
+    images: Tensor          # uint8 (n_train + n_single, 3, H, W)
+    captions: list[str]
+    n_train: int            # the first n_train pairs are the 1-3-object ones batches are drawn from
+    groups: list[list[Tensor]]
+    n_hard: int             # pairs per batch taken from hard-negative groups
+    seconds: float
+
+
+def training_pairs(world, cfg) -> TrainingPairs:
+    """Render the training pairs of ``cfg`` (n_train, n_single, batch_size, hard_fraction, group_size)."""
     started = time.perf_counter()
     images, captions, _ = _render(world, range(cfg.n_train))
     n_hard = int(round(cfg.batch_size * cfg.hard_fraction)) // cfg.group_size * cfg.group_size
@@ -184,45 +195,40 @@ def train_shapes_clip(out_dir: Path, cfg: ShapesClipConfig, progress: bool = Tru
         single, single_captions, single_metas = _render(single_world(world), range(SINGLE_OFFSET, SINGLE_OFFSET + cfg.n_single))
         images, captions = torch.cat([images, single]), captions + single_captions
         groups = hard_negative_groups(single_metas, offset=cfg.n_train, min_size=2)
-    render_seconds = time.perf_counter() - started
-    image_size = int(images.shape[-1])
+    return TrainingPairs(images, captions, cfg.n_train, groups, n_hard, time.perf_counter() - started)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    arch = model_config(cfg, image_size)
-    (out_dir / CONFIG_FILE).write_text(json.dumps(arch, indent=1))
-    preprocess_cfg = {"size": image_size, "mean": list(MEAN), "std": list(STD)}
-    (out_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": arch, "preprocess_cfg": preprocess_cfg}, indent=1))
-    register_config(out_dir)
 
-    torch.manual_seed(cfg.seed)
-    model = open_clip.create_model(ARCH)
-    tokenizer = open_clip.get_tokenizer(ARCH)
-    ids = tokenizer(captions)
-    truncated = int((ids[:, -1] != 0).sum())  # open_clip truncates long captions, keeping the end token
-    model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embedding" in n]
+def contrastive_steps(model, pairs: TrainingPairs, ids: Tensor, text_embeddings, cfg, desc: str,
+                      progress: bool = True) -> list[float]:
+    """Train ``model``'s parameters that require grad for ``cfg.steps`` steps; returns the losses.
+
+    Each batch is ``batch_size - n_hard`` random 1-3-object pairs plus
+    ``n_hard`` pairs from hard-negative groups. ``text_embeddings(indices)``
+    gives the normalised text embeddings of those pairs (the text tower, or a
+    projection of precomputed features when the text tower is frozen).
+    """
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in trainable if p.ndim < 2 or "embedding" in n]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     losses: list[float] = []
-    bar = training_bar(cfg.steps, "train shapes-clip", progress)
-    train_started = time.perf_counter()
-    order = torch.randperm(cfg.n_train, generator=generator)
+    bar = training_bar(cfg.steps, desc, progress)
+    order = torch.randperm(pairs.n_train, generator=generator)
     cursor = 0
+    n_random = cfg.batch_size - pairs.n_hard
     for step in range(cfg.steps):
-        n_random = cfg.batch_size - n_hard
-        if cursor + n_random > cfg.n_train:
-            order, cursor = torch.randperm(cfg.n_train, generator=generator), 0
+        if cursor + n_random > pairs.n_train:
+            order, cursor = torch.randperm(pairs.n_train, generator=generator), 0
         batch = order[cursor: cursor + n_random]
         cursor += n_random
-        if n_hard:
-            batch = torch.cat([batch, sample_groups(groups, n_hard // cfg.group_size, cfg.group_size, generator)])
+        if pairs.n_hard:
+            batch = torch.cat([batch, sample_groups(pairs.groups, pairs.n_hard // cfg.group_size, cfg.group_size, generator)])
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        image_emb = model.encode_image(normalise(images[batch]), normalize=True)
-        text_emb = model.encode_text(ids[batch], normalize=True)
-        loss = contrastive_loss(image_emb, text_emb, ids[batch], model.logit_scale)
+        image_emb = model.encode_image(normalise(pairs.images[batch]), normalize=True)
+        loss = contrastive_loss(image_emb, text_embeddings(batch), ids[batch], model.logit_scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -235,25 +241,66 @@ def train_shapes_clip(out_dir: Path, cfg: ShapesClipConfig, progress: bool = Tru
                 bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     if bar is not None:
         bar.close()
-    train_seconds = time.perf_counter() - train_started
+    return losses
+
+
+def write_folder(out_dir: Path, arch_name: str, arch: dict[str, Any], image_size: int) -> None:
+    """The config files open_clip reads from a model folder (``NAME.json`` and ``open_clip_config.json``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{arch_name}.json").write_text(json.dumps(arch, indent=1))
+    preprocess_cfg = {"size": image_size, "mean": list(MEAN), "std": list(STD)}
+    (out_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": arch, "preprocess_cfg": preprocess_cfg}, indent=1))
+
+
+def save_and_report(out_dir: Path, model, tokenizer, arch_name: str, cfg, world, arch: dict[str, Any],
+                    losses: list[float], timing: dict[str, Any], truncated: int, **extra: Any) -> dict[str, Any]:
+    """Save the weights as an open_clip checkpoint, evaluate zero-shot (unless ``n_eval`` is 0), build the report."""
+    import open_clip
+
     model.eval()
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out_dir / WEIGHTS), metadata={"arch": ARCH, "format": "open_clip"})
-
-    accuracy = zero_shot_accuracy(model, tokenizer, world, range(EVAL_OFFSET, EVAL_OFFSET + cfg.n_eval))
+    save_file(state, str(out_dir / WEIGHTS), metadata={"arch": arch_name, "format": "open_clip"})
+    accuracy = (zero_shot_accuracy(model, tokenizer, world, range(EVAL_OFFSET, EVAL_OFFSET + cfg.n_eval))
+                if cfg.n_eval else {})
     window = max(1, cfg.steps // 20)
     return {
         "config": to_dict(cfg),
         "world": to_dict(world),
         "model_config": arch,
+        **extra,
         "metrics": {"zero_shot": accuracy, "final_loss": sum(losses[-window:]) / window,
                     "first_loss": sum(losses[:window]) / window, "truncated_captions": truncated},
         "loss_curve": [round(sum(losses[i: i + window]) / len(losses[i: i + window]), 4)
                        for i in range(0, len(losses), window)],
-        "timing": {"render_s": round(render_seconds, 1), "train_s": round(train_seconds, 1),
-                   "threads": torch.get_num_threads()},
+        "timing": {**timing, "threads": torch.get_num_threads()},
         "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__},
     }
+
+
+def train_shapes_clip(out_dir: Path, cfg: ShapesClipConfig, progress: bool = True) -> dict[str, Any]:
+    """Train into ``out_dir``; returns the report (settings, loss curve, zero-shot accuracy)."""
+    import open_clip
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    world = training_world(cfg.world, ARCH)
+    pairs = training_pairs(world, cfg)
+    image_size = int(pairs.images.shape[-1])
+    arch = model_config(cfg, image_size)
+    write_folder(out_dir, ARCH, arch, image_size)
+    register_config(out_dir)
+
+    torch.manual_seed(cfg.seed)
+    model = open_clip.create_model(ARCH)
+    tokenizer = open_clip.get_tokenizer(ARCH)
+    ids = tokenizer(pairs.captions)
+    truncated = int((ids[:, -1] != 0).sum())  # open_clip truncates long captions, keeping the end token
+    model.train()
+    started = time.perf_counter()
+    losses = contrastive_steps(model, pairs, ids, lambda batch: model.encode_text(ids[batch], normalize=True), cfg,
+                               "train shapes-clip", progress)
+    timing = {"render_s": round(pairs.seconds, 1), "train_s": round(time.perf_counter() - started, 1)}
+    return save_and_report(out_dir, model, tokenizer, ARCH, cfg, world, arch, losses, timing, truncated)
 
 
 # -- zero-shot evaluation -----------------------------------------------------------

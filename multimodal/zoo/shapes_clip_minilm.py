@@ -25,7 +25,6 @@ import contextlib
 import io
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +32,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
-from vlsae.config import from_dict, option, to_dict
+from vlsae.config import from_dict, option
 from vlsae.errors import VlsaeError
 
 from multimodal.zoo import REPORT, ZooModel, register_zoo_model, training_bar, training_world
@@ -60,30 +58,12 @@ def minilm_path() -> Path:
 
 
 @dataclass
-class ShapesClipMiniLMConfig:
-    """Training settings of shapes-clip-minilm (``vlsae zoo train shapes-clip-minilm --set key=value``)."""
+class ShapesClipMiniLMConfig(base.ContrastiveTrainingConfig):
+    """Training settings of shapes-clip-minilm (``vlsae zoo train shapes-clip-minilm --set key=value``):
+    shapes-clip's, less its text tower's (MiniLM's 384 are projected to ``embed_dim``); a step takes
+    0.2 s on 2 CPU cores, as only the vision tower and the projection train."""
 
-    seed: int = option(0, help="seed of the model init and the batch order (the pairs' seed is world.seed)")
-    steps: int = option(1500, help="optimizer steps (0.2 s each on 2 CPU cores: only the vision tower and projection train)")
-    batch_size: int = option(256, help="pairs per contrastive batch")
-    lr: float = option(2e-3, help="peak AdamW learning rate (linear warm-up, cosine decay)")
-    warmup: int = option(100, help="warm-up steps")
-    weight_decay: float = option(0.1, help="AdamW weight decay on matrices")
-    n_train: int = option(20_000, help="distinct ShapesWorld pairs (1-3 objects) rendered for training")
-    n_single: int = option(20_000, help="distinct single-object pairs rendered for the hard-negative groups")
-    hard_fraction: float = option(0.5, help="fraction of each batch made of hard-negative groups")
-    group_size: int = option(8, help="pairs per hard-negative group")
-    n_eval: int = option(1_000, help="held-out single-object pairs for the zero-shot evaluation (0: no evaluation)")
-    embed_dim: int = option(128, help="joint embedding width (MiniLM's 384 are projected to it)")
-    patch_size: int = option(16, help="ViT patch size (64x64 images)")
-    vision_width: int = option(128, help="vision transformer width")
-    vision_layers: int = option(4, help="vision transformer blocks")
-    heads: int = option(4, help="vision attention heads")
-    context_length: int = option(48, help="MiniLM tokens per caption (longer ones are truncated)")
     text_batch: int = option(512, help="captions per MiniLM forward pass while precomputing caption features")
-    world: dict = option(None, factory=lambda: dict(base.TRAIN_WORLD),
-                         help="ShapesWorldConfig overrides for the training pairs")
-    threads: int = option(0, help="torch CPU threads while training (0: leave torch's setting)")
 
 
 def model_config(cfg: ShapesClipMiniLMConfig, image_size: int, text_path: Path) -> dict[str, Any]:
@@ -142,96 +122,33 @@ def train_shapes_clip_minilm(out_dir: Path, cfg: ShapesClipMiniLMConfig, progres
         torch.set_num_threads(cfg.threads)
     text_path = minilm_path()
     world = training_world(cfg.world, ARCH)
-    started = time.perf_counter()
-    images, captions, _ = base._render(world, range(cfg.n_train))
-    n_hard = int(round(cfg.batch_size * cfg.hard_fraction)) // cfg.group_size * cfg.group_size
-    groups: list[list[torch.Tensor]] = []
-    if n_hard:
-        single, single_captions, single_metas = base._render(base.single_world(world),
-                                                             range(base.SINGLE_OFFSET, base.SINGLE_OFFSET + cfg.n_single))
-        images, captions = torch.cat([images, single]), captions + single_captions
-        groups = base.hard_negative_groups(single_metas, offset=cfg.n_train, min_size=2)
-    render_seconds = time.perf_counter() - started
-    image_size = int(images.shape[-1])
-
-    out_dir.mkdir(parents=True, exist_ok=True)
+    pairs = base.training_pairs(world, cfg)
+    image_size = int(pairs.images.shape[-1])
     arch = model_config(cfg, image_size, text_path)
-    (out_dir / CONFIG_FILE).write_text(json.dumps(arch, indent=1))
-    preprocess_cfg = {"size": image_size, "mean": list(base.MEAN), "std": list(base.STD)}
-    (out_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": arch, "preprocess_cfg": preprocess_cfg}, indent=1))
+    base.write_folder(out_dir, ARCH, arch, image_size)
     register_config(out_dir)
 
     torch.manual_seed(cfg.seed)
     model = _create(pretrained_hf=True)
     tokenizer = open_clip.get_tokenizer(ARCH)
-    ids = tokenizer(captions)
+    ids = tokenizer(pairs.captions)
     truncated = int((ids[:, -1] != 0).sum())
     unique, inverse = torch.unique(ids, dim=0, return_inverse=True)
-    text_started = time.perf_counter()
+    started = time.perf_counter()
     model.text.transformer.eval()
     pooled = pooled_caption_features(model, unique, cfg.text_batch, progress)
-    text_seconds = time.perf_counter() - text_started
-
+    text_seconds = time.perf_counter() - started
     for p in model.text.transformer.parameters():
         p.requires_grad_(False)
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in trainable if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in trainable if p.ndim < 2 or "embedding" in n]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     model.visual.train()
-    generator = torch.Generator().manual_seed(cfg.seed + 1)
-    losses: list[float] = []
-    bar = training_bar(cfg.steps, f"train {ARCH}", progress)
-    train_started = time.perf_counter()
-    order = torch.randperm(cfg.n_train, generator=generator)
-    cursor = 0
-    for step in range(cfg.steps):
-        n_random = cfg.batch_size - n_hard
-        if cursor + n_random > cfg.n_train:
-            order, cursor = torch.randperm(cfg.n_train, generator=generator), 0
-        batch = order[cursor: cursor + n_random]
-        cursor += n_random
-        if n_hard:
-            batch = torch.cat([batch, base.sample_groups(groups, n_hard // cfg.group_size, cfg.group_size, generator)])
-        for group in optimizer.param_groups:
-            group["lr"] = base._lr_at(step, cfg)
-        image_emb = model.encode_image(base.normalise(images[batch]), normalize=True)
-        text_emb = F.normalize(model.text.proj(pooled[inverse[batch]]), dim=-1)
-        loss = base.contrastive_loss(image_emb, text_emb, ids[batch], model.logit_scale)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        losses.append(loss.item())
-        if bar is not None:
-            bar.update(1)
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
-    if bar is not None:
-        bar.close()
-    train_seconds = time.perf_counter() - train_started
-    model.eval()
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out_dir / WEIGHTS), metadata={"arch": ARCH, "format": "open_clip"})
-
-    accuracy = (base.zero_shot_accuracy(model, tokenizer, world, range(base.EVAL_OFFSET, base.EVAL_OFFSET + cfg.n_eval))
-                if cfg.n_eval else {})
-    window = max(1, cfg.steps // 20)
-    return {
-        "config": to_dict(cfg),
-        "world": to_dict(world),
-        "model_config": arch,
-        "text_encoder": {"package": MINILM_PACKAGE, "frozen": True, "distinct_captions": int(unique.shape[0])},
-        "metrics": {"zero_shot": accuracy, "final_loss": sum(losses[-window:]) / window,
-                    "first_loss": sum(losses[:window]) / window, "truncated_captions": truncated},
-        "loss_curve": [round(sum(losses[i: i + window]) / len(losses[i: i + window]), 4)
-                       for i in range(0, len(losses), window)],
-        "timing": {"render_s": round(render_seconds, 1), "caption_features_s": round(text_seconds, 1),
-                   "train_s": round(train_seconds, 1), "threads": torch.get_num_threads()},
-        "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__},
-    }
+    started = time.perf_counter()
+    losses = base.contrastive_steps(model, pairs, ids, lambda batch: F.normalize(model.text.proj(pooled[inverse[batch]]), dim=-1),
+                                    cfg, f"train {ARCH}", progress)
+    timing = {"render_s": round(pairs.seconds, 1), "caption_features_s": round(text_seconds, 1),
+              "train_s": round(time.perf_counter() - started, 1)}
+    return base.save_and_report(out_dir, model, tokenizer, ARCH, cfg, world, arch, losses, timing, truncated,
+                                text_encoder={"package": MINILM_PACKAGE, "frozen": True,
+                                              "distinct_captions": int(unique.shape[0])})
 
 
 @contextlib.contextmanager
