@@ -75,10 +75,10 @@ class ShapesLlavaConfig:
     """Training settings of shapes-llava (``vlsae zoo train shapes-llava --set key=value``)."""
 
     seed: int = option(0, help="seed of the model init, the batch order and the questions (the pairs' seed is world.seed)")
-    steps: int = option(700, help="optimizer steps (each: one describe batch and one yes/no batch)")
+    steps: int = option(2000, help="optimizer steps (each: one describe batch and one yes/no batch; 700 named the shape 16 %)")
     describe_batch: int = option(32, help="images per step trained to be described")
     question_batch: int = option(32, help="images per step asked a yes/no question")
-    vision_steps: int = option(600, help="steps of stage 1, the vision/word alignment (0: train end to end from scratch)")
+    vision_steps: int = option(3000, help="steps of stage 1, the vision/word alignment (0: train end to end from scratch)")
     vision_batch: int = option(64, help="images per stage-1 step")
     vision_lr: float = option(3e-3, help="peak AdamW learning rate of stage 1 (linear warm-up, cosine decay)")
     lr: float = option(2e-3, help="peak AdamW learning rate of stage 2 (linear warm-up, cosine decay)")
