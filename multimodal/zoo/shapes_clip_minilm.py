@@ -25,6 +25,7 @@ import contextlib
 import io
 import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +85,10 @@ def register_config(folder: Path) -> dict[str, Any]:
     config = json.loads((Path(folder) / CONFIG_FILE).read_text())
     path = str(minilm_path())
     config["text_cfg"].update(hf_model_name=path, hf_tokenizer_name=path)
-    open_clip.factory._MODEL_CONFIGS[ARCH] = config  # what add_model_config does, without a file round trip
+    with tempfile.TemporaryDirectory(prefix="vlsae-minilm-config-") as tmp:  # open_clip registers files
+        rewritten = Path(tmp) / CONFIG_FILE
+        rewritten.write_text(json.dumps(config))
+        open_clip.add_model_config(rewritten)
     return config
 
 
