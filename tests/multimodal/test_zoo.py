@@ -171,7 +171,7 @@ def test_hard_negative_groups_vary_exactly_one_attribute():
 
 @pytest.mark.slow
 def test_default_shapes_clip_is_well_above_chance(tmp_path):
-    """The real recipe (about 25 min on 2 CPU cores): the shipped model reads shape 86 %, the rest >= 96 %."""
+    """The real recipe (15 min on 2 quiet CPU cores): the shipped model reads shape 86 %, the rest >= 96 %."""
     result = zoo.train_model("shapes-clip", out=tmp_path / "m", progress=False)
     for attribute, r in result.metrics["zero_shot"].items():
         assert r["accuracy"] >= (0.75 if attribute == "shape" else 0.9), (attribute, r)
