@@ -6,8 +6,8 @@ runs an adapter in batches and streams the activations into an
 for any iterable of pair records (tests, in-memory data).
 
 Pipeline: a background thread reads records and batches them, a small thread
-pool runs ``adapter.prepare`` (decoding, image transforms, tokenising) on the
-next batches, and the main thread runs the model and writes shards, so reading
+pool runs ``adapter.prepare`` (image transforms, tokenising) on the next
+batches, and the main thread runs the model and writes shards, so reading
 and preprocessing overlap the forward pass. With ``reader_process=True`` the
 reading and preparing run in a forked reader process instead (one PyTorch
 ``DataLoader`` worker), off the main process's interpreter lock: the usual
@@ -174,12 +174,16 @@ class _ReadFailure:
 
 
 class _PreparedBatches(torch.utils.data.IterableDataset):
-    """The reader process's work: batches of records, prepared by a thread pool, in order."""
+    """Batches of records, prepared by a thread pool, in order: the reader's work, in this
+    process or in a reader process (``carry_errors``: an error becomes a :class:`_ReadFailure`
+    item, since a DataLoader worker would wrap it in a multi-line traceback)."""
 
-    def __init__(self, batches: Callable[[], Iterator[list[Any]]], prepare: Callable[[list[Any]], Any], workers: int):
+    def __init__(self, batches: Callable[[], Iterator[list[Any]]], prepare: Callable[[list[Any]], Any], workers: int,
+                 carry_errors: bool = False):
         self.batches = batches
         self.prepare = prepare
         self.workers = workers
+        self.carry_errors = carry_errors
 
     def __iter__(self) -> Iterator[Any]:
         prefetch = _Prefetcher(self.batches(), self.prepare, workers=self.workers, depth=self.workers + 2)
@@ -187,6 +191,8 @@ class _PreparedBatches(torch.utils.data.IterableDataset):
             for _, prepared in prefetch:
                 yield prepared
         except Exception as exc:  # noqa: BLE001 - every reading error is the caller's to see
+            if not self.carry_errors:
+                raise
             yield _ReadFailure(_picklable(exc))
         finally:
             prefetch.close()
@@ -207,23 +213,20 @@ def _prepared_stream(batches: Callable[[], Iterator[list[Any]]], prepare: Callab
     """Prepared batches in order, from a forked reader process (or, with ``in_process``, from threads here)."""
     import multiprocessing
 
-    stream = _PreparedBatches(batches, prepare, workers)
     if in_process or "fork" not in multiprocessing.get_all_start_methods():  # no fork (Windows): threads here
-        items: Any = iter(stream)
-        stop = items.close
-    else:
-        from torch.utils.data import DataLoader
+        yield from _PreparedBatches(batches, prepare, workers)
+        return
+    from torch.utils.data import DataLoader
 
-        items = iter(DataLoader(stream, batch_size=None, num_workers=1, multiprocessing_context="fork",
-                                prefetch_factor=max(2, workers + 2)))
-        stop = getattr(items, "_shutdown_workers", lambda: None)
+    items = iter(DataLoader(_PreparedBatches(batches, prepare, workers, carry_errors=True), batch_size=None,
+                            num_workers=1, multiprocessing_context="fork", prefetch_factor=max(2, workers + 2)))
     try:
         for item in items:
             if isinstance(item, _ReadFailure):
                 raise item.error
             yield item
     finally:
-        stop()
+        getattr(items, "_shutdown_workers", lambda: None)()
 
 
 def extract_pairs(adapter: Adapter, records: Iterable[Any], out: str | Path, hook: str = "final", tokens: str = "cls",

@@ -156,8 +156,8 @@ def _tower_parts(model: Any) -> dict[str, Any]:
         parts.update(text_blocks=list(text.transformer.resblocks), text_seq_first=not text.transformer.batch_first,
                      text_pool=text.pool_type, text_eos=getattr(text, "eos_id", None),
                      text_cls_emb=getattr(text, "cls_emb", None) is not None)
-    elif _hf_layers(text) is not None:  # open_clip's HFTextEncoder: a transformers encoder
-        parts.update(text_blocks=_hf_layers(text), text_seq_first=False, text_pool="hf",
+    elif (hf_layers := _hf_layers(text)) is not None:  # open_clip's HFTextEncoder: a transformers encoder
+        parts.update(text_blocks=hf_layers, text_seq_first=False, text_pool="hf",
                      text_pad=int(text.config.pad_token_id), text_cls_emb=False)
     return parts
 

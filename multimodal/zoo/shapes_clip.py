@@ -19,13 +19,14 @@ descriptions that name it (the other attributes are marginalised out).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -398,29 +399,43 @@ class LoadedClip:
 class ShapesClip(ZooModel):
     summary = "small open_clip CLIP (ViT 64x64 + text transformer) trained contrastively on ShapesWorld"
     files = (WEIGHTS, CONFIG_FILE, "open_clip_config.json")
+    #: the training settings (read back from the report to evaluate with the same world)
+    config_class: ClassVar[type] = ShapesClipConfig
 
     @classmethod
     def train(cls, out_dir: Path, overrides: dict[str, Any], progress: bool = True) -> dict[str, Any]:
-        cfg = from_dict(ShapesClipConfig, overrides, where="shapes-clip training config")
+        cfg = from_dict(cls.config_class, overrides, where=f"{cls.name} training config")
         return train_shapes_clip(out_dir, cfg, progress=progress)
+
+    @classmethod
+    def register(cls, folder: Path) -> None:
+        """Make the folder's model config known to open_clip under the model's name."""
+        register_config(folder)
+
+    @classmethod
+    def loading(cls) -> contextlib.AbstractContextManager:
+        """Context the open_clip model is built in (subclasses quiet their libraries' load reports)."""
+        return contextlib.nullcontext()
 
     @classmethod
     def load(cls, folder: Path, device: Any = "cpu") -> LoadedClip:
         import open_clip
 
         folder = cls.require_files(folder)
-        register_config(folder)
-        model, _, preprocess = open_clip.create_model_and_transforms(ARCH, pretrained=str(folder / WEIGHTS), device=device)
+        cls.register(folder)
+        with cls.loading():
+            model, _, preprocess = open_clip.create_model_and_transforms(cls.name, pretrained=str(folder / WEIGHTS),
+                                                                         device=device)
         model.eval()
         report = json.loads((folder / REPORT).read_text()) if (folder / REPORT).is_file() else {}
-        return LoadedClip(model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(ARCH),
+        return LoadedClip(model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(cls.name),
                           weights=folder / WEIGHTS, report=report)
 
     @classmethod
     def evaluate(cls, folder: Path, device: Any = "cpu") -> dict[str, Any]:
         loaded = cls.load(folder, device=device)
-        cfg = from_dict(ShapesClipConfig, loaded.report.get("config", {}), where="shapes-clip training config")
-        world = training_world(cfg.world, ARCH)
+        cfg = from_dict(cls.config_class, loaded.report.get("config", {}), where=f"{cls.name} training config")
+        world = training_world(cfg.world, cls.name)
         return {"zero_shot": zero_shot_accuracy(loaded.model, loaded.tokenizer, world,
                                                 range(EVAL_OFFSET, EVAL_OFFSET + cfg.n_eval))}
 

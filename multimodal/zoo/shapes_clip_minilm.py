@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from vlsae.config import from_dict, option
 from vlsae.errors import VlsaeError
 
-from multimodal.zoo import REPORT, ZooModel, register_zoo_model, training_bar, training_world
+from multimodal.zoo import register_zoo_model, training_bar, training_world
 from multimodal.zoo import shapes_clip as base
 
 ARCH = "shapes-clip-minilm"
@@ -182,37 +182,22 @@ def _create(pretrained_hf: bool):
 
 
 @register_zoo_model(ARCH)
-class ShapesClipMiniLM(ZooModel):
+class ShapesClipMiniLM(base.ShapesClip):
+    """shapes-clip's loading, evaluation and report, with MiniLM as the text tower."""
+
     summary = "open_clip CLIP: the pretrained all-MiniLM-L6-v2 text tower (frozen) + a ViT aligned to it on ShapesWorld"
     files = (WEIGHTS, CONFIG_FILE, "open_clip_config.json")
+    config_class = ShapesClipMiniLMConfig
 
     @classmethod
     def train(cls, out_dir: Path, overrides: dict[str, Any], progress: bool = True) -> dict[str, Any]:
-        cfg = from_dict(ShapesClipMiniLMConfig, overrides, where=f"{ARCH} training config")
+        cfg = from_dict(cls.config_class, overrides, where=f"{cls.name} training config")
         return train_shapes_clip_minilm(out_dir, cfg, progress=progress)
 
     @classmethod
-    def load(cls, folder: Path, device: Any = "cpu") -> base.LoadedClip:
-        import open_clip
-
-        folder = cls.require_files(folder)
+    def register(cls, folder: Path) -> None:
         register_config(folder)
-        with _quiet_loading():
-            model, _, preprocess = open_clip.create_model_and_transforms(ARCH, pretrained=str(folder / WEIGHTS),
-                                                                         device=device)
-        model.eval()
-        report = json.loads((folder / REPORT).read_text()) if (folder / REPORT).is_file() else {}
-        return base.LoadedClip(model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(ARCH),
-                               weights=folder / WEIGHTS, report=report)
 
     @classmethod
-    def evaluate(cls, folder: Path, device: Any = "cpu") -> dict[str, Any]:
-        loaded = cls.load(folder, device=device)
-        cfg = from_dict(ShapesClipMiniLMConfig, loaded.report.get("config", {}), where=f"{ARCH} training config")
-        world = training_world(cfg.world, ARCH)
-        return {"zero_shot": base.zero_shot_accuracy(loaded.model, loaded.tokenizer, world,
-                                                     range(base.EVAL_OFFSET, base.EVAL_OFFSET + cfg.n_eval))}
-
-    @classmethod
-    def describe_report(cls, report: dict[str, Any]) -> str:
-        return base.ShapesClip.describe_report(report)
+    def loading(cls) -> contextlib.AbstractContextManager:
+        return _quiet_loading()
