@@ -142,6 +142,7 @@ class Sample(NamedTuple):
     caption: str
     meta: dict[str, Any]
     key: str
+    caption_state: dict | None = None  # the random state the clean caption was drawn from (for swapped captions)
 
 
 def _matches(obj: dict[str, str], rule: dict[str, str]) -> bool:
@@ -319,15 +320,86 @@ def render_sample(config: ShapesWorldConfig, index: int) -> Sample:
     if config.noise and rng.random() < config.noise:
         caption, corruption = _corrupt(config, index, objects, mentions, texture, caption_state, rng)
         meta.update(corrupted=True, corruption=corruption)
-    return Sample(image=image, caption=caption, meta=meta, key=f"{config.seed:04d}{index:09d}")
+    return Sample(image=image, caption=caption, meta=meta, key=f"{config.seed:04d}{index:09d}", caption_state=caption_state)
+
+
+def swapped_caption(config: ShapesWorldConfig, sample: Sample, rng: np.random.Generator,
+                    binding_fraction: float = 0.5) -> str | None:
+    """The sample's clean caption with one mentioned fact made false, worded identically otherwise.
+
+    Either two objects exchange the value of an attribute the caption names for
+    both (``binding_fraction`` of the time when a scene allows it: "a red
+    circle and a blue square" -> "a blue circle and a red square"), or one
+    named value becomes another. The caption is re-drawn from the clean
+    caption's random state, so templates and synonyms stay the same and only
+    the fact differs: a hard negative for contrastive training, which random
+    ShapesWorld batches (told apart by colour alone) rarely provide. None when
+    the caption names nothing that can change.
+    """
+    if sample.caption_state is None:
+        raise VlsaeError("swapped_caption needs a sample from render_sample (it carries the caption's random state)")
+    objects = [{a: v for a, v in o.items() if a != "mentioned"} for o in sample.meta["objects"]]
+    mentioned = [set(o.get("mentioned", ())) for o in sample.meta["objects"]]
+    exchanges = [(i, j, a) for i in range(len(objects)) for j in range(i + 1, len(objects))
+                 for a in ("shape", "colour", "size", "position")
+                 if a in mentioned[i] and a in mentioned[j] and objects[i][a] != objects[j][a]]
+    changes = [(i, a) for i, m in enumerate(mentioned) for a in sorted(m)]
+    if not exchanges and not changes:
+        return None
+    swapped = [dict(o) for o in objects]
+    if exchanges and (not changes or rng.random() < binding_fraction):
+        i, j, a = exchanges[int(rng.integers(len(exchanges)))]
+        swapped[i][a], swapped[j][a] = objects[j][a], objects[i][a]
+    else:
+        i, a = changes[int(rng.integers(len(changes)))]
+        swapped[i][a] = _other_value(a, objects[i][a], rng)
+    return _replay_caption(objects, swapped, sample.meta["texture"], config, sample.caption_state)
+
+
+class _RecordedDraws:
+    """Stands in for the generator while a caption is drawn: records its draws, or plays them back.
+
+    A caption draws its mentions with ``random()`` and its templates and
+    synonyms with ``integers(n)``; ``integers(1)`` consumes nothing, so
+    re-drawing from the same state with one value changed (whose synonym
+    count differs) would shift every later choice. Playing back the recorded
+    choice indices instead keeps the wording and changes only the value.
+    """
+
+    def __init__(self, rng: np.random.Generator | None = None, draws: list | None = None):
+        self.rng, self.draws, self.cursor = rng, [] if draws is None else draws, 0
+
+    def _next(self, draw):
+        if self.rng is not None:
+            self.draws.append(draw())
+            return self.draws[-1]
+        self.cursor += 1
+        return self.draws[self.cursor - 1]
+
+    def random(self) -> float:
+        return self._next(self.rng.random if self.rng is not None else None)
+
+    def integers(self, n: int) -> int:
+        return min(int(self._next(lambda: int(self.rng.integers(n)))), n - 1)
+
+
+def _replay_caption(clean_objects: list[dict[str, str]], objects: list[dict[str, str]], texture: str,
+                    config: ShapesWorldConfig, caption_state: dict) -> str:
+    """The caption ``clean_objects`` got from ``caption_state``, worded the same for ``objects``."""
+    rng = np.random.default_rng()
+    rng.bit_generator.state = caption_state
+    recorder = _RecordedDraws(rng=rng)
+    _caption(clean_objects, texture, config, recorder)
+    return _caption(objects, texture, config, _RecordedDraws(draws=recorder.draws))[0]
 
 
 
-def render_tensors(config: ShapesWorldConfig, indices) -> tuple[Any, list[str], list[dict]]:
+def render_tensors(config: ShapesWorldConfig, indices, swapped: bool = False) -> tuple[Any, list[str], list[dict]]:
     """Records ``indices`` as model-ready tensors: uint8 images (n, 3, H, W), captions, metadata.
 
     What the zoo models train and evaluate on; torch is imported here so that
-    writing shards does not need it.
+    writing shards does not need it. ``swapped`` adds ``meta["swapped_caption"]``
+    (see ``swapped_caption``; seeded by the record) for contrastive hard negatives.
     """
     import torch
 
@@ -336,6 +408,9 @@ def render_tensors(config: ShapesWorldConfig, indices) -> tuple[Any, list[str], 
         sample = render_sample(config, int(index))
         images.append(torch.from_numpy(np.asarray(sample.image.convert("RGB"), dtype=np.uint8).copy()))
         captions.append(sample.caption)
+        if swapped:
+            rng = np.random.default_rng([config.seed, int(index), 11])
+            sample.meta["swapped_caption"] = swapped_caption(config, sample, rng)
         metas.append(sample.meta)
     return torch.stack(images).permute(0, 3, 1, 2).contiguous(), captions, metas
 
@@ -352,10 +427,7 @@ def _corrupt(config: ShapesWorldConfig, index: int, objects, mentions, texture: 
     i, attr = candidates[int(rng.integers(len(candidates)))]
     swapped = [dict(o) for o in objects]
     swapped[i][attr] = _other_value(attr, objects[i][attr], rng)
-    replay = np.random.default_rng()
-    replay.bit_generator.state = caption_state
-    caption, _, _ = _caption(swapped, texture, config, replay)
-    return caption, f"swap:{attr}"
+    return _replay_caption(objects, swapped, texture, config, caption_state), f"swap:{attr}"
 
 
 def _encode_png(image: Image.Image) -> bytes:

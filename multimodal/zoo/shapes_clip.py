@@ -65,6 +65,8 @@ class ContrastiveTrainingConfig:
     hard_fraction: float = option(0.5, help="fraction of each batch made of hard-negative groups: single-object "
                                             "pairs that agree on every attribute but one")
     group_size: int = option(8, help="pairs per hard-negative group")
+    swapped_negatives: float = option(0.0, help="fraction of each batch's 1-3-object pairs whose caption with one fact "
+                                                "swapped joins the batch as an extra negative caption")
     n_eval: int = option(1_000, help="held-out single-object pairs for the zero-shot evaluation (0: no evaluation)")
     embed_dim: int = option(128, help="joint embedding width")
     patch_size: int = option(16, help="ViT patch size (64x64 images)")
@@ -105,11 +107,11 @@ def register_config(folder: Path) -> None:
 
 # -- data ---------------------------------------------------------------------------
 
-def _render(world, indices) -> tuple[Tensor, list[str], list[dict]]:
+def _render(world, indices, swapped: bool = False) -> tuple[Tensor, list[str], list[dict]]:
     """uint8 images (n, 3, H, W), captions and metadata of ShapesWorld pairs."""
     from multimodal.shapesworld import render_tensors
 
-    return render_tensors(world, indices)
+    return render_tensors(world, indices, swapped=swapped)
 
 
 def normalise(images: Tensor) -> Tensor:
@@ -159,12 +161,18 @@ def sample_groups(groups: list[list[Tensor]], n_groups: int, size: int, generato
 def contrastive_loss(image: Tensor, text: Tensor, ids: Tensor, logit_scale: Tensor) -> Tensor:
     """Symmetric InfoNCE; rows with identical token ids are positives of each other.
 
-    image, text: (batch, dim) normalised embeddings; ids: (batch, context) token ids.
+    image: (batch, dim) and text: (batch + extra, dim) normalised embeddings;
+    ids: (batch + extra, context) token ids. Text row i < batch is image i's
+    caption; the extra rows are negative captions, which enter only the
+    image-to-text direction (a swapped caption equal to another pair's
+    caption counts as that pair's positive).
     """
+    n = image.shape[0]
     logits = logit_scale.exp() * image @ text.T
-    same = (ids.unsqueeze(1) == ids.unsqueeze(0)).all(dim=-1).float()
-    targets = same / same.sum(dim=1, keepdim=True)
-    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+    same = (ids[:n].unsqueeze(1) == ids.unsqueeze(0)).all(dim=-1).float()
+    image_to_text = F.cross_entropy(logits, same / same.sum(dim=1, keepdim=True))
+    text_to_image = F.cross_entropy(logits[:, :n].T, same[:, :n] / same[:, :n].sum(dim=1, keepdim=True))
+    return 0.5 * (image_to_text + text_to_image)
 
 
 def _lr_at(step: int, cfg: ShapesClipConfig) -> float:
@@ -184,19 +192,27 @@ class TrainingPairs:
     groups: list[list[Tensor]]
     n_hard: int             # pairs per batch taken from hard-negative groups
     seconds: float
+    swapped: Tensor | None = None  # (n_train,) index into captions of pair i's swapped caption, -1 when none
 
 
 def training_pairs(world, cfg) -> TrainingPairs:
     """Render the training pairs of ``cfg`` (n_train, n_single, batch_size, hard_fraction, group_size)."""
     started = time.perf_counter()
-    images, captions, _ = _render(world, range(cfg.n_train))
+    images, captions, metas = _render(world, range(cfg.n_train), swapped=bool(cfg.swapped_negatives))
     n_hard = int(round(cfg.batch_size * cfg.hard_fraction)) // cfg.group_size * cfg.group_size
     groups: list[list[Tensor]] = []
     if n_hard:
         single, single_captions, single_metas = _render(single_world(world), range(SINGLE_OFFSET, SINGLE_OFFSET + cfg.n_single))
         images, captions = torch.cat([images, single]), captions + single_captions
         groups = hard_negative_groups(single_metas, offset=cfg.n_train, min_size=2)
-    return TrainingPairs(images, captions, cfg.n_train, groups, n_hard, time.perf_counter() - started)
+    swapped = None
+    if cfg.swapped_negatives:
+        swapped = torch.full((cfg.n_train,), -1, dtype=torch.long)
+        for i, meta in enumerate(metas):
+            if meta["swapped_caption"] is not None:
+                swapped[i] = len(captions)
+                captions.append(meta["swapped_caption"])
+    return TrainingPairs(images, captions, cfg.n_train, groups, n_hard, time.perf_counter() - started, swapped)
 
 
 def contrastive_steps(model, pairs: TrainingPairs, ids: Tensor, text_embeddings, cfg, desc: str,
@@ -224,12 +240,17 @@ def contrastive_steps(model, pairs: TrainingPairs, ids: Tensor, text_embeddings,
             order, cursor = torch.randperm(pairs.n_train, generator=generator), 0
         batch = order[cursor: cursor + n_random]
         cursor += n_random
+        negatives = batch[:0]
+        if pairs.swapped is not None:
+            swapped = pairs.swapped[batch]
+            negatives = swapped[(swapped >= 0) & (torch.rand(swapped.shape, generator=generator) < cfg.swapped_negatives)]
         if pairs.n_hard:
             batch = torch.cat([batch, sample_groups(pairs.groups, pairs.n_hard // cfg.group_size, cfg.group_size, generator)])
+        captions = torch.cat([batch, negatives])
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)
         image_emb = model.encode_image(normalise(pairs.images[batch]), normalize=True)
-        loss = contrastive_loss(image_emb, text_embeddings(batch), ids[batch], model.logit_scale)
+        loss = contrastive_loss(image_emb, text_embeddings(captions), ids[captions], model.logit_scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

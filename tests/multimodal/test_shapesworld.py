@@ -81,6 +81,47 @@ def test_noise_fraction_and_flags():
             assert s.caption == s.meta["clean_caption"]
 
 
+def _changed_words(a: str, b: str) -> set[str]:
+    """Words whose counts differ between two captions."""
+    from collections import Counter
+    ca, cb = Counter(a.replace(",", "").split()), Counter(b.replace(",", "").split())
+    return set((ca - cb) + (cb - ca))
+
+
+def test_swapped_captions_change_one_fact_and_keep_the_wording():
+    from multimodal.shapesworld import POSITION_PHRASES, SYNONYMS, swapped_caption
+
+    cfg = ShapesWorldConfig(mention_size=1.0, mention_position=1.0)
+    value_words = {w for phrases in list(POSITION_PHRASES.values()) + list(SYNONYMS.values()) for p in phrases for w in p.split()}
+    value_words |= {w for attr in ("shape", "colour", "size") for w in vocabulary()[attr]}
+    kinds = set()
+    for i in range(200):
+        sample = render_sample(cfg, i)
+        swapped = swapped_caption(cfg, sample, np.random.default_rng(i))
+        assert swapped is not None and swapped != sample.caption
+        changed = _changed_words(sample.caption, swapped)
+        # only attribute words move: templates, articles, objects' order and the texture phrase stay
+        assert changed <= value_words | {"a", "an"}, (sample.caption, swapped)
+        kinds.add("binding" if sorted(sample.caption.split()) == sorted(swapped.split()) else "value")
+    assert kinds == {"binding", "value"}
+    again = swapped_caption(cfg, render_sample(cfg, 3), np.random.default_rng(3))
+    assert again == swapped_caption(cfg, render_sample(cfg, 3), np.random.default_rng(3))
+
+
+def test_swap_corruptions_differ_from_the_clean_caption_in_the_swapped_value_only():
+    cfg = ShapesWorldConfig(noise=1.0)
+    vocab = vocabulary()
+    seen = 0
+    for i in range(300):
+        s = render_sample(cfg, i)
+        if s.meta["corruption"] and s.meta["corruption"].startswith("swap:"):
+            attr = s.meta["corruption"].split(":")[1]
+            changed = _changed_words(s.meta["clean_caption"], s.caption) - {"a", "an", "sign", "plus"}
+            assert changed and changed <= set(vocab[attr]) | {"cross"}, (s.meta["clean_caption"], s.caption)
+            seen += 1
+    assert seen > 100
+
+
 def test_write_read_and_refuse_overwrite(tmp_path):
     out = tmp_path / "w"
     summary = write_world(ShapesWorldConfig(), out, n=30, shard_size=8, progress=False)

@@ -140,6 +140,39 @@ def test_contrastive_loss_counts_identical_captions_as_positives():
     assert float(distinct) != float(loss)
 
 
+def test_extra_negative_captions_enter_only_the_image_to_text_direction():
+    torch.manual_seed(0)
+    image = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
+    text = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
+    ids = torch.arange(6).view(3, 2)
+    scale = torch.tensor(2.0)
+    plain = contrastive_loss(image, text, ids, scale)
+    near_miss = torch.nn.functional.normalize(image[0] + 0.1 * torch.randn(8), dim=0)
+    harder = contrastive_loss(image, torch.cat([text, near_miss[None]]), torch.cat([ids, torch.tensor([[9, 9]])]), scale)
+    assert float(harder) > float(plain)
+    # a swapped caption that equals another pair's caption is that pair's positive, not a negative
+    as_copy = contrastive_loss(image, torch.cat([text, text[1:2]]), torch.cat([ids, ids[1:2]]), scale)
+    logits = scale.exp() * image @ torch.cat([text, text[1:2]]).T
+    targets = torch.tensor([[1.0, 0, 0, 0], [0, 0.5, 0, 0.5], [0, 0, 1, 0]])
+    expected = 0.5 * (torch.nn.functional.cross_entropy(logits, targets)
+                      + torch.nn.functional.cross_entropy(logits[:, :3].T, torch.eye(3)))
+    torch.testing.assert_close(as_copy, expected)
+
+
+def test_swapped_negatives_train_and_join_the_caption_list(tmp_path):
+    from multimodal.zoo.shapes_clip import ShapesClipConfig, training_pairs, training_world
+
+    cfg = ShapesClipConfig(**{**TINY, "swapped_negatives": 1.0})
+    pairs = training_pairs(training_world(cfg.world, "shapes-clip"), cfg)
+    assert pairs.swapped is not None and pairs.swapped.shape == (cfg.n_train,)
+    has = pairs.swapped >= 0
+    assert bool(has.all())  # every training caption names something that can change
+    assert len(pairs.captions) == cfg.n_train + cfg.n_single + int(has.sum())
+    assert all(pairs.captions[int(j)] != pairs.captions[i] for i, j in enumerate(pairs.swapped))
+    result = zoo.train_model("shapes-clip", {**TINY, "swapped_negatives": 1.0}, out=tmp_path / "m", progress=False)
+    assert result.report["config"]["swapped_negatives"] == 1.0 and all(x == x for x in result.report["loss_curve"])
+
+
 def test_prompt_ensemble_covers_the_vocabulary():
     from multimodal.shapesworld import vocabulary
 
