@@ -189,6 +189,40 @@ def resolve_model_dir(name: str, use_shipped: bool = True) -> Path | None:
     return None
 
 
+_SETTINGS_THAT_DO_NOT_CHANGE_THE_MODEL = {"threads"}
+
+
+def cache_differs_from_shipped(name: str) -> list[str]:
+    """Training settings in which the cached ``name`` differs from the shipped copy ("key: cached -> shipped").
+
+    Empty when either is missing or they agree. The cache wins at load time (a
+    user's own ``vlsae zoo train`` must), so a model cached by an older vlsae
+    would otherwise silently shadow the better shipped one.
+    """
+    if not (is_trained(name) and is_shipped(name)):
+        return []
+    try:
+        cached = json.loads((model_dir(name) / REPORT).read_text()).get("config", {})
+        shipped = json.loads((shipped_dir(name) / REPORT).read_text()).get("config", {})
+    except (OSError, ValueError):
+        return []
+    keys = sorted((set(cached) | set(shipped)) - _SETTINGS_THAT_DO_NOT_CHANGE_THE_MODEL)
+    return [f"{k}: {cached.get(k, '(unset)')} -> {shipped.get(k, '(unset)')}" for k in keys if cached.get(k) != shipped.get(k)]
+
+
+_NOTICED: set[str] = set()
+
+
+def _notice_cache_shadowing(name: str) -> None:
+    """Say once per process when the cached model was trained with other settings than the shipped one."""
+    differences = cache_differs_from_shipped(name)
+    if differences and name not in _NOTICED:
+        _NOTICED.add(name)
+        shown = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")
+        print(f"vlsae: using the cached {name} in {model_dir(name)}, trained with other settings than the shipped copy "
+              f"({shown}); remove that folder to use the shipped one", file=sys.stderr)
+
+
 def ship_model(name: str, source: str | Path | None = None, dest: str | Path | None = None) -> Path:
     """Copy a trained model (default: the cached one) to the shipped folder with fp16 weights.
 
@@ -319,6 +353,8 @@ def load_model(name: str, device: Any = "cpu", train_if_missing: bool = True, fo
         return cls.load(Path(folder), device=device)
     found = resolve_model_dir(name, use_shipped=use_shipped)
     if found is not None:
+        if use_shipped and found == model_dir(name):
+            _notice_cache_shadowing(name)
         return cls.load(found, device=device)
     if not is_trained(name):
         if not train_if_missing:
@@ -341,4 +377,4 @@ def evaluate_model(name: str, folder: str | Path | None = None, device: Any = "c
 
 
 __all__ = ["ZooModel", "register_zoo_model", "list_models", "get_zoo_class", "cache_root", "zoo_dir", "model_dir",
-           "is_trained", "is_shipped", "shipped_dir", "resolve_model_dir", "ship_model", "train_model", "load_model", "evaluate_model", "read_report", "TrainReport"]
+           "is_trained", "is_shipped", "cache_differs_from_shipped", "shipped_dir", "resolve_model_dir", "ship_model", "train_model", "load_model", "evaluate_model", "read_report", "TrainReport"]

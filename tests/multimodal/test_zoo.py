@@ -118,6 +118,28 @@ def test_shipped_copy_is_fp16_loads_and_is_used_when_the_cache_is_empty(cache, t
         zoo.ship_model("shapes-clip", source=tmp_path / "nothing", dest=tmp_path / "x")
 
 
+def test_a_cached_model_with_other_settings_than_the_shipped_copy_is_named_once(cache, trained, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    shipped = zoo.ship_model("shapes-clip", source=trained.path, dest=tmp_path / "shipped" / "shapes-clip")
+    monkeypatch.setattr(zoo, "shipped_dir", lambda name: tmp_path / "shipped" / name)
+    monkeypatch.setattr(zoo, "_NOTICED", set())
+    shutil.copytree(trained.path, cache / "zoo" / "shapes-clip")
+    assert zoo.cache_differs_from_shipped("shapes-clip") == []  # the same training: silent
+    zoo.load_model("shapes-clip", train_if_missing=False)
+    assert "other settings" not in capsys.readouterr().err
+    report = json.loads((shipped / "training.json").read_text())
+    report["config"].update(steps=1500, threads=1)  # threads does not change the model
+    (shipped / "training.json").write_text(json.dumps(report))
+    assert zoo.cache_differs_from_shipped("shapes-clip") == ["steps: 3 -> 1500"]
+    assert zoo.load_model("shapes-clip", train_if_missing=False) is not None
+    zoo.load_model("shapes-clip", train_if_missing=False)
+    err = capsys.readouterr().err
+    assert err.count("using the cached shapes-clip") == 1 and "steps: 3 -> 1500" in err and "remove that folder" in err
+    assert main(["zoo", "list"]) == 0
+    assert "shadows" in capsys.readouterr().out
+
+
 def test_zoo_cli_train_and_list(cache, capsys):
     overrides = sum((["--set", f"{k}={v}"] for k, v in TINY.items()), [])
     assert main(["zoo", "train", "shapes-clip", "--no-progress", *overrides]) == 0

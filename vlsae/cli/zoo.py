@@ -50,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
         for name in zoo.list_models():
             cls = zoo.get_zoo_class(name)
             state = "cached" if zoo.is_trained(name) else "shipped" if zoo.is_shipped(name) else "not trained"
+            if zoo.cache_differs_from_shipped(name):
+                state += " (other settings than the shipped copy, which it shadows)"
             print(f"{name:<18} {state:<12} {cls.summary}  [{zoo.resolve_model_dir(name) or zoo.model_dir(name)}]")
         return 0
     if not args.name:
