@@ -206,8 +206,9 @@ def cache_differs_from_shipped(name: str) -> list[str]:
         shipped = json.loads((shipped_dir(name) / REPORT).read_text()).get("config", {})
     except (OSError, ValueError):
         return []
-    keys = sorted((set(cached) | set(shipped)) - _SETTINGS_THAT_DO_NOT_CHANGE_THE_MODEL)
-    return [f"{k}: {cached.get(k, '(unset)')} -> {shipped.get(k, '(unset)')}" for k in keys if cached.get(k) != shipped.get(k)]
+    # a setting only one side records was added since the other was trained, with a default that keeps the old behaviour
+    keys = sorted((set(cached) & set(shipped)) - _SETTINGS_THAT_DO_NOT_CHANGE_THE_MODEL)
+    return [f"{k}: {cached[k]} -> {shipped[k]}" for k in keys if cached[k] != shipped[k]]
 
 
 _NOTICED: set[str] = set()

@@ -130,6 +130,7 @@ def test_a_cached_model_with_other_settings_than_the_shipped_copy_is_named_once(
     assert "other settings" not in capsys.readouterr().err
     report = json.loads((shipped / "training.json").read_text())
     report["config"].update(steps=1500, threads=1)  # threads does not change the model
+    del report["config"]["swapped_negatives"]  # a shipped copy older than a setting is not "different"
     (shipped / "training.json").write_text(json.dumps(report))
     assert zoo.cache_differs_from_shipped("shapes-clip") == ["steps: 3 -> 1500"]
     assert zoo.load_model("shapes-clip", train_if_missing=False) is not None
