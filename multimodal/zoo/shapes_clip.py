@@ -220,7 +220,9 @@ def contrastive_steps(model, pairs: TrainingPairs, ids: Tensor, text_embeddings,
     """Train ``model``'s parameters that require grad for ``cfg.steps`` steps; returns the losses.
 
     Each batch is ``batch_size - n_hard`` random 1-3-object pairs plus
-    ``n_hard`` pairs from hard-negative groups. ``text_embeddings(indices)``
+    ``n_hard`` pairs from hard-negative groups, and (``swapped_negatives``)
+    the swapped captions of some of the random pairs as extra negative
+    captions, which have no image. ``text_embeddings(indices)``
     gives the normalised text embeddings of those pairs (the text tower, or a
     projection of precomputed features when the text tower is frozen).
     """
