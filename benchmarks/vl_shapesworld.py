@@ -53,6 +53,10 @@ def records(config: ShapesWorldConfig, start: int, n: int):
         yield PairRecord(key=s.key, image=s.image, caption=s.caption, meta=s.meta)
 
 
+def spread(values: list[float], digits: int = 2) -> str:
+    return f"{np.mean(values):.{digits}f} +- {np.std(values):.{digits}f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="shapes-clip")
@@ -105,7 +109,7 @@ def main() -> None:
     }
     reachable = sorted(v for v in ceiling["image"] if min(ceiling["image"][v], ceiling["text"].get(v, 0.0)) >= 0.9)
 
-    rows, runs = [], []
+    runs = []
     for arch in args.archs.split(","):
         for seed in range(args.seed, args.seed + args.seeds):
             torch.manual_seed(seed)
@@ -115,8 +119,6 @@ def main() -> None:
             trained = result.sae if projector is None else AlignedSAE(result.sae, projector)
             probe = planted_probe(trained, test_pairs)
             s = probe["summary"]
-            if seed == args.seed:
-                rows.append((arch, result.summary, probe))
             runs.append((arch, seed, result.summary, probe))
             print(f"{arch} seed {seed}: same index {s['same_index_rate']:.2f}, AUROC images {s['image_auroc']:.3f}, "
                   f"captions {s['text_auroc']:.3f}, both >= 0.9 {s['both_auroc_ge_0.9']:.2f}")
@@ -124,6 +126,7 @@ def main() -> None:
     title = (f"planted ShapesWorld values through {args.model} ({args.hook}); {args.latents} latents, k={args.k}, "
              f"{args.steps} steps; {args.n_test} held-out pairs; seed {args.seed}")
     table = Table(title=title)
+    rows = [(arch, summary, probe) for arch, seed, summary, probe in runs if seed == args.seed]
     for col in ("arch", "attribute", "values", "same index", "AUROC img", "AUROC txt", "both >= 0.9",
                 "ceiling img", "ceiling txt"):
         table.add_column(col, justify="right")
@@ -142,8 +145,8 @@ def main() -> None:
           f"({', '.join(reachable) or 'none'})")
     seeds_table = Table(title=f"over {args.seeds} SAE seeds (mean +- sd); 'encodable': the {len(reachable)} values "
                               "whose probe ceiling is >= 0.9 on both sides")
-    for col in ("arch", "same index (all)", "both >= 0.9 (all)", "same index (encodable)", "both >= 0.9 (encodable)",
-                "FVU img", "FVU txt"):
+    for col in ("arch", "same index (all)", "same + both >= 0.9 (all)", "same index (encodable)",
+                "same + both >= 0.9 (encodable)", "FVU img", "FVU txt"):
         seeds_table.add_column(col, justify="right")
     for arch in args.archs.split(","):
         mine = [(summary, probe) for a, _, summary, probe in runs if a == arch]
@@ -157,11 +160,11 @@ def main() -> None:
             for m in ("image", "text"):
                 stats[f"fvu_{m}"].append(summary.get(f"fvu_{m}", float("nan")))
         n_all, n_enc = len(mine[0][1]["matches"]), len(reachable)
-        fmt = lambda xs, d=2: f"{np.mean(xs):.{d}f} +- {np.std(xs):.{d}f}"
-        seeds_table.add_row(arch, fmt(stats["same"]), f"{fmt(stats['both'], 1)} of {n_all}",
-                            f"{fmt(stats['same_enc'], 1)} of {n_enc}", f"{fmt(stats['both_enc'], 1)} of {n_enc}",
-                            fmt(stats["fvu_image"], 3), fmt(stats["fvu_text"], 3))
+        seeds_table.add_row(arch, spread(stats["same"]), f"{spread(stats['both'], 1)} of {n_all}",
+                            f"{spread(stats['same_enc'], 1)} of {n_enc}", f"{spread(stats['both_enc'], 1)} of {n_enc}",
+                            spread(stats["fvu_image"], 3), spread(stats["fvu_text"], 3))
     Console(width=150).print(seeds_table)
+
 
 if __name__ == "__main__":
     main()

@@ -19,7 +19,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -341,8 +341,7 @@ def swapped_caption(config: ShapesWorldConfig, sample: Sample, rng: np.random.Ge
     objects = [{a: v for a, v in o.items() if a != "mentioned"} for o in sample.meta["objects"]]
     mentioned = [set(o.get("mentioned", ())) for o in sample.meta["objects"]]
     exchanges = [(i, j, a) for i in range(len(objects)) for j in range(i + 1, len(objects))
-                 for a in ("shape", "colour", "size", "position")
-                 if a in mentioned[i] and a in mentioned[j] and objects[i][a] != objects[j][a]]
+                 for a in sorted(mentioned[i] & mentioned[j]) if objects[i][a] != objects[j][a]]
     changes = [(i, a) for i, m in enumerate(mentioned) for a in sorted(m)]
     if not exchanges and not changes:
         return None
@@ -369,15 +368,15 @@ class _RecordedDraws:
     def __init__(self, rng: np.random.Generator | None = None, draws: list | None = None):
         self.rng, self.draws, self.cursor = rng, [] if draws is None else draws, 0
 
-    def _next(self, draw):
-        if self.rng is not None:
-            self.draws.append(draw())
-            return self.draws[-1]
-        self.cursor += 1
-        return self.draws[self.cursor - 1]
+    def _next(self, draw: Callable[[], Any]) -> Any:
+        if self.rng is None:  # playing back
+            self.cursor += 1
+            return self.draws[self.cursor - 1]
+        self.draws.append(draw())
+        return self.draws[-1]
 
     def random(self) -> float:
-        return self._next(self.rng.random if self.rng is not None else None)
+        return self._next(lambda: self.rng.random())
 
     def integers(self, n: int) -> int:
         return min(int(self._next(lambda: int(self.rng.integers(n)))), n - 1)
@@ -391,7 +390,6 @@ def _replay_caption(clean_objects: list[dict[str, str]], objects: list[dict[str,
     recorder = _RecordedDraws(rng=rng)
     _caption(clean_objects, texture, config, recorder)
     return _caption(objects, texture, config, _RecordedDraws(draws=recorder.draws))[0]
-
 
 
 def render_tensors(config: ShapesWorldConfig, indices, swapped: bool = False) -> tuple[Any, list[str], list[dict]]:

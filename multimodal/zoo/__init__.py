@@ -216,8 +216,10 @@ _NOTICED: set[str] = set()
 
 def _notice_cache_shadowing(name: str) -> None:
     """Say once per process when the cached model was trained with other settings than the shipped one."""
+    if name in _NOTICED:
+        return
     differences = cache_differs_from_shipped(name)
-    if differences and name not in _NOTICED:
+    if differences:
         _NOTICED.add(name)
         shown = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")
         print(f"vlsae: using the cached {name} in {model_dir(name)}, trained with other settings than the shipped copy "

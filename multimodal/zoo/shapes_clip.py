@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from vlsae.config import from_dict, option, to_dict
+from vlsae.errors import VlsaeError
 
 from multimodal.zoo import REPORT, ZooModel, register_zoo_model, training_bar, training_world
 
@@ -77,6 +78,11 @@ class ContrastiveTrainingConfig:
     world: dict = option(None, factory=lambda: dict(TRAIN_WORLD),
                          help="ShapesWorldConfig overrides for the training pairs (default: captions name every size and position)")
     threads: int = option(0, help="torch CPU threads while training (0: leave torch's setting)")
+
+    def __post_init__(self) -> None:
+        for name in ("hard_fraction", "swapped_negatives"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise VlsaeError(f"{name} is a fraction of the batch: give a value from 0 to 1, not {getattr(self, name)}")
 
 
 @dataclass

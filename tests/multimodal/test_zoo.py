@@ -150,6 +150,9 @@ def test_zoo_cli_train_and_list(cache, capsys):
     assert "trained" in capsys.readouterr().out
     assert main(["zoo", "train", "shapes-clip", "--set", "stepz=3"]) == 2
     assert "did you mean 'steps'" in capsys.readouterr().err
+    assert main(["zoo", "train", "shapes-clip", "--set", "swapped_negatives=1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "swapped_negatives is a fraction of the batch" in err and len(err.strip().splitlines()) == 1
 
 
 def test_contrastive_loss_counts_identical_captions_as_positives():
