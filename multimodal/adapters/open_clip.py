@@ -15,6 +15,11 @@ Hook points (batch-first token tensors of the towers' residual blocks):
 - ``final``: ``encode_image`` and ``encode_text`` (the joint embedding space;
   both modalities), ``visual.final`` / ``text.final`` for one of them;
 - ``visual.blocks.N``: output of vision block N, tokens = class token + patches;
+  for a ResNet tower (``RN50``, ``RN101``, ``RN50x4``...: open_clip's
+  ModifiedResNet) block N is the N-th bottleneck block counted over the four
+  stages (RN50: 0-2 layer1, 3-6 layer2, 7-12 layer3, 13-15 layer4), tokens =
+  the positions of its feature map (no class token: use ``mean``, ``patch``
+  or ``all``);
 - ``text.blocks.N``: output of text block N, before ``ln_final``. The text
   tower is causal, so its ``cls`` row is the token open_clip pools: the
   end-of-text token for CLIP's ``argmax`` pooling (the first end-of-text token
@@ -136,6 +141,7 @@ def load_open_clip(arch: str, weights: str | None, device: torch.device | str = 
 
 def _tower_parts(model: Any) -> dict[str, Any]:
     """Where the blocks of each tower are and how their tokens are laid out."""
+    from open_clip.modified_resnet import ModifiedResNet
     from open_clip.transformer import TextTransformer, VisionTransformer
 
     parts: dict[str, Any] = {"image_blocks": [], "text_blocks": []}
@@ -143,6 +149,9 @@ def _tower_parts(model: Any) -> dict[str, Any]:
     if isinstance(visual, VisionTransformer):
         parts.update(image_blocks=list(visual.transformer.resblocks), image_seq_first=not visual.transformer.batch_first,
                      image_prefix=1, image_has_cls=True)
+    elif isinstance(visual, ModifiedResNet):  # CLIP RN50-style: every bottleneck block of the four stages
+        blocks = [block for stage in (visual.layer1, visual.layer2, visual.layer3, visual.layer4) for block in stage]
+        parts.update(image_blocks=blocks, image_seq_first=False, image_prefix=0, image_has_cls=False)
     elif hasattr(visual, "trunk") and hasattr(visual.trunk, "blocks"):  # timm vision tower
         trunk = visual.trunk
         parts.update(image_blocks=list(trunk.blocks), image_seq_first=False,
@@ -225,8 +234,12 @@ class OpenClipAdapter(Adapter):
 
             size = self._image_size()
             probe = [{"key": "probe", "image": Image.new("RGB", (size, size)), "caption": "a"}]
-            out = self.forward(self.prepare(probe, modalities=list(points)), hook, "cls")
-            self._widths[hook] = {m: int(t.shape[1]) for m, t in out.acts.items()}
+            widths = {}
+            for point in dict.fromkeys(points.values()):  # "all": a ResNet tower's blocks have no class token
+                out = self.forward(self.prepare(probe, modalities=self.hook_modalities(point)), point,
+                                   "cls" if point.endswith("final") else "all")
+                widths.update({m: int(t.shape[1]) for m, t in out.acts.items()})
+            self._widths[hook] = widths
         return dict(self._widths[hook])
 
     def _image_size(self) -> int:
@@ -275,6 +288,8 @@ class OpenClipAdapter(Adapter):
         with BlockCapture({n: parts["image_blocks"][n]}, seq_first=parts["image_seq_first"]) as capture:
             capture.run(lambda: self.model.visual(x))
         hidden = capture.outputs[n]
+        if hidden.ndim == 4:  # a ResNet feature map (batch, channels, h, w): one token per position
+            hidden = hidden.flatten(2).transpose(1, 2)
         batch, seq, _ = hidden.shape
         positions = torch.arange(seq, device=hidden.device).expand(batch, seq)
         patch_mask = positions >= parts["image_prefix"]

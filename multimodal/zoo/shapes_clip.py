@@ -49,6 +49,8 @@ SINGLE_OFFSET = 5_000_000  # the single-object training pairs (hard-negative gro
 # contrastive batch is told apart by colour and shape alone and position is barely learnt.
 TRAIN_WORLD = {"mention_size": 1.0, "mention_position": 1.0}
 ZERO_SHOT_ATTRIBUTES = ("shape", "colour", "size", "position")
+VISION_TOWERS = ("vit", "resnet")
+RESNET_HEAD_WIDTH = 64  # open_clip's default head width: the attention pool gets 32 * resnet_width / 64 heads
 
 
 @dataclass
@@ -70,9 +72,13 @@ class ContrastiveTrainingConfig:
                                                 "swapped joins the batch as an extra negative caption")
     n_eval: int = option(1_000, help="held-out single-object pairs for the zero-shot evaluation (0: no evaluation)")
     embed_dim: int = option(128, help="joint embedding width")
+    vision_tower: str = option("vit", help="'vit': a ViT (patch_size, vision_width, vision_layers); 'resnet': open_clip's "
+                                          "ModifiedResNet, the tower of CLIP RN50 (resnet_width, resnet_blocks)")
     patch_size: int = option(16, help="ViT patch size (64x64 images)")
     vision_width: int = option(128, help="vision transformer width")
     vision_layers: int = option(4, help="vision transformer blocks")
+    resnet_width: int = option(16, help="ModifiedResNet stem width (its feature width is 32x this)")
+    resnet_blocks: int = option(1, help="ModifiedResNet bottleneck blocks in each of its four stages")
     heads: int = option(4, help="attention heads (vision tower, and shapes-clip's text tower)")
     context_length: int = option(48, help="text tokens per caption (longer ones are truncated)")
     world: dict = option(None, factory=lambda: dict(TRAIN_WORLD),
@@ -83,6 +89,8 @@ class ContrastiveTrainingConfig:
         for name in ("hard_fraction", "swapped_negatives"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise VlsaeError(f"{name} is a fraction of the batch: give a value from 0 to 1, not {getattr(self, name)}")
+        if self.vision_tower not in VISION_TOWERS:
+            raise VlsaeError(f"vision_tower must be one of {', '.join(VISION_TOWERS)}, not {self.vision_tower!r}")
 
 
 @dataclass
@@ -93,12 +101,25 @@ class ShapesClipConfig(ContrastiveTrainingConfig):
     text_layers: int = option(3, help="text transformer blocks")
 
 
+def vision_config(cfg: ContrastiveTrainingConfig, image_size: int) -> dict[str, Any]:
+    """open_clip's ``vision_cfg`` for the chosen tower (a list of stage depths is what makes open_clip build
+    its ModifiedResNet, as for RN50's ``[3, 4, 6, 3]``)."""
+    if cfg.vision_tower == "resnet":
+        if image_size % 32:
+            raise VlsaeError(f"the ResNet tower downsamples 32x: the image size ({image_size}) must be a multiple of 32")
+        if cfg.resnet_width * 32 % RESNET_HEAD_WIDTH:
+            raise VlsaeError(f"resnet_width must be a multiple of {RESNET_HEAD_WIDTH // 32} (attention-pool heads)")
+        return {"image_size": image_size, "layers": [cfg.resnet_blocks] * 4, "width": cfg.resnet_width,
+                "head_width": RESNET_HEAD_WIDTH}
+    return {"image_size": image_size, "layers": cfg.vision_layers, "width": cfg.vision_width,
+            "patch_size": cfg.patch_size, "head_width": cfg.vision_width // cfg.heads}
+
+
 def model_config(cfg: ShapesClipConfig, image_size: int) -> dict[str, Any]:
     """The open_clip model config (what ``add_model_config`` registers)."""
     return {
         "embed_dim": cfg.embed_dim,
-        "vision_cfg": {"image_size": image_size, "layers": cfg.vision_layers, "width": cfg.vision_width,
-                       "patch_size": cfg.patch_size, "head_width": cfg.vision_width // cfg.heads},
+        "vision_cfg": vision_config(cfg, image_size),
         "text_cfg": {"context_length": cfg.context_length, "vocab_size": 49408, "width": cfg.text_width,
                      "heads": cfg.heads, "layers": cfg.text_layers},
     }

@@ -71,8 +71,7 @@ def model_config(cfg: ShapesClipMiniLMConfig, image_size: int, text_path: Path) 
     """The open_clip model config: shapes-clip's ViT + open_clip's Hugging Face text tower on MiniLM."""
     return {
         "embed_dim": cfg.embed_dim,
-        "vision_cfg": {"image_size": image_size, "layers": cfg.vision_layers, "width": cfg.vision_width,
-                       "patch_size": cfg.patch_size, "head_width": cfg.vision_width // cfg.heads},
+        "vision_cfg": base.vision_config(cfg, image_size),
         "text_cfg": {"hf_model_name": str(text_path), "hf_tokenizer_name": str(text_path),
                      "hf_pooler_type": "mean_pooler", "hf_proj_type": "linear", "context_length": cfg.context_length},
     }

@@ -9,7 +9,7 @@ from vlsae.errors import VlsaeError
 
 from multimodal.adapters import adapter_usage, create_adapter, list_adapters
 
-from .tiny import GRID, synthetic_pairs, tiny_clip_config
+from .tiny import GRID, TINY_CLIP, synthetic_pairs, tiny_clip_config
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +95,38 @@ def test_clip_token_modes_row_counts_and_pair_index(clip):
     for modality, rows in (("image", patch), ("text", text_patch)):
         expected = torch.stack([rows[modality][rows.pair_index[modality] == i].mean(0) for i in range(n)])
         torch.testing.assert_close(mean[modality], expected)
+
+
+def test_clip_resnet_tower_blocks_are_feature_map_tokens(tmp_path):
+    """An RN50-style tower (open_clip's ModifiedResNet): one hook per bottleneck block over the four
+    stages, each position of its feature map a token; the last block's tokens are what the attention
+    pool turns into the image embedding."""
+    import json
+
+    from open_clip.modified_resnet import ModifiedResNet
+
+    config = tmp_path / "vlsae-test-tiny-rn-clip.json"
+    config.write_text(json.dumps({**TINY_CLIP, "vision_cfg": {"image_size": 32, "layers": [1, 2, 1, 1], "width": 8,
+                                                              "head_width": 64}}))
+    rn = create_adapter(f"open_clip:{config}:random", device="cpu")
+    assert isinstance(rn.model.visual, ModifiedResNet)
+    assert [p for p in rn.hook_points() if p.startswith("visual.blocks.")] == [f"visual.blocks.{i}" for i in range(5)]
+    n = len(PAIRS)
+    # 32x32 images: stem /4 -> 8x8 (stage 1), 4x4, 2x2, 1x1; widths 4x the stage width (8, 16, 32, 64)
+    for block, grid, width in ((0, 64, 32), (2, 16, 64), (4, 1, 256)):
+        rows = rn.extract(PAIRS, f"visual.blocks.{block}", "patch")
+        assert rows["image"].shape == (n * grid, width)
+        assert torch.bincount(rows.pair_index["image"]).tolist() == [grid] * n
+        assert rn.widths(f"visual.blocks.{block}") == {"image": width}
+    mean = rn.extract(PAIRS, "visual.blocks.2", "mean")["image"]
+    patch = rn.extract(PAIRS, "visual.blocks.2", "patch")
+    torch.testing.assert_close(mean, patch["image"].view(n, 16, 64).mean(1))
+    with pytest.raises(VlsaeError, match="no class token"):
+        rn.extract(PAIRS, "visual.blocks.0", "cls")
+    last = rn.extract(PAIRS, "visual.blocks.4", "all")["image"]  # the 1x1 map: one token per image
+    with torch.no_grad():
+        pooled = rn.model.visual.attnpool(last.view(n, 1, 1, 256).permute(0, 3, 1, 2))
+        torch.testing.assert_close(pooled, rn.extract(PAIRS)["image"])
 
 
 def test_clip_final_hook_rejects_token_modes(clip):

@@ -199,6 +199,28 @@ def test_swapped_negatives_train_and_join_the_caption_list(tmp_path):
     assert result.report["config"]["swapped_negatives"] == 1.0 and all(x == x for x in result.report["loss_curve"])
 
 
+def test_resnet_vision_tower_trains_saves_and_extracts_block_tokens(tmp_path):
+    """``vision_tower=resnet``: open_clip builds its ModifiedResNet (the RN50 tower) from the saved
+    config, and the adapter reads the blocks' feature maps."""
+    from open_clip.modified_resnet import ModifiedResNet
+
+    from multimodal.adapters import create_adapter
+    from multimodal.shapesworld import ShapesWorldConfig, render_sample
+
+    result = zoo.train_model("shapes-clip", {**TINY, "vision_tower": "resnet", "resnet_width": 8}, out=tmp_path / "rn",
+                             progress=False)
+    assert result.report["model_config"]["vision_cfg"]["layers"] == [1, 1, 1, 1]
+    adapter = create_adapter(f"open_clip:local-dir:{tmp_path / 'rn'}", device="cpu")
+    assert isinstance(adapter.model.visual, ModifiedResNet)
+    samples = [render_sample(ShapesWorldConfig(seed=3), i) for i in range(4)]
+    pairs = [{"key": s.key, "image": s.image, "caption": s.caption} for s in samples]
+    rows = adapter.extract(pairs, "visual.blocks.1", "patch")  # stage 2 of a 64x64 image: an 8x8 map
+    assert rows["image"].shape == (4 * 64, 64)
+    assert adapter.extract(pairs)["image"].shape == (4, TINY["embed_dim"])
+    with pytest.raises(VlsaeError, match="vision_tower must be one of vit, resnet"):
+        zoo.train_model("shapes-clip", {**TINY, "vision_tower": "convnet"}, out=tmp_path / "bad", progress=False)
+
+
 def test_prompt_ensemble_covers_the_vocabulary():
     from multimodal.shapesworld import vocabulary
 
