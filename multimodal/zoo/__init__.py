@@ -51,6 +51,8 @@ class ZooModel:
     #: top-level entries of a trained folder left out of the shipped copy (rebuilt at load time
     #: from other zoo models, e.g. a text encoder that duplicates shapes-clip's text tower)
     ship_exclude: ClassVar[tuple[str, ...]] = ()
+    #: the dataclass of its training settings (what ``--set key=value`` overrides)
+    config_class: ClassVar[type | None] = None
 
     @classmethod
     def shipped_files(cls) -> tuple[str, ...]:
@@ -206,9 +208,27 @@ def cache_differs_from_shipped(name: str) -> list[str]:
         shipped = json.loads((shipped_dir(name) / REPORT).read_text()).get("config", {})
     except (OSError, ValueError):
         return []
-    # a setting only one side records was added since the other was trained, with a default that keeps the old behaviour
-    keys = sorted((set(cached) & set(shipped)) - _SETTINGS_THAT_DO_NOT_CHANGE_THE_MODEL)
-    return [f"{k}: {cached[k]} -> {shipped[k]}" for k in keys if cached[k] != shipped[k]]
+    # A setting only one side records was added since the other was trained, and an added setting's default keeps
+    # the old behaviour: the side without it trained with the default (e.g. a cached vision_tower=resnet model
+    # against a shipped copy from before that option differs; a cached copy with the default does not).
+    defaults = _setting_defaults(get_zoo_class(name).config_class)
+    differences = []
+    for key in sorted((set(cached) | set(shipped)) - _SETTINGS_THAT_DO_NOT_CHANGE_THE_MODEL):
+        if key not in defaults and not (key in cached and key in shipped):
+            continue  # a setting the current config no longer has, recorded by one side only
+        old, new = cached.get(key, defaults.get(key)), shipped.get(key, defaults.get(key))
+        if old != new:
+            differences.append(f"{key}: {old} -> {new}")
+    return differences
+
+
+def _setting_defaults(config_class: type | None) -> dict[str, Any]:
+    """Default of every training setting, as a report records it (empty without a config class)."""
+    if config_class is None:
+        return {}
+    from vlsae.config import to_dict
+
+    return to_dict(config_class())
 
 
 _NOTICED: set[str] = set()

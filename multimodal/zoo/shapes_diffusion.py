@@ -796,10 +796,11 @@ class ShapesDiffusion(ZooModel):
     summary = ("small diffusers StableDiffusionPipeline (32x32; shapes-clip's text tower, frozen) "
                "trained on ShapesWorld prompts")
     files = FILES
+    config_class = ShapesDiffusionConfig
 
     @classmethod
     def train(cls, out_dir: Path, overrides: dict[str, Any], progress: bool = True) -> dict[str, Any]:
-        cfg = from_dict(ShapesDiffusionConfig, overrides, where="shapes-diffusion training config")
+        cfg = from_dict(cls.config_class, overrides, where="shapes-diffusion training config")
         return train_shapes_diffusion(out_dir, cfg, progress=progress)
 
     ship_exclude = ("text_encoder", "tokenizer")  # shapes-clip's text tower, shipped already with shapes-clip
@@ -827,7 +828,7 @@ class ShapesDiffusion(ZooModel):
     def evaluate(cls, folder: Path, device: Any = "cpu") -> dict[str, Any]:
         pipe = cls.load(folder, device=device)
         report = json.loads((Path(folder) / REPORT).read_text()) if (Path(folder) / REPORT).is_file() else {}
-        cfg = from_dict(ShapesDiffusionConfig, report.get("config", {}), where="shapes-diffusion training config")
+        cfg = from_dict(cls.config_class, report.get("config", {}), where="shapes-diffusion training config")
         return evaluate_pipeline(pipe, world_config(cfg.world), cfg)
 
     @classmethod

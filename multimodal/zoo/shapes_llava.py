@@ -676,10 +676,11 @@ class LoadedLlava:
 class ShapesLlava(ZooModel):
     summary = "small transformers LLaVA (CLIP vision tower + Llama) trained to caption ShapesWorld and answer yes/no"
     files = ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json", PROMPTS_FILE)
+    config_class = ShapesLlavaConfig
 
     @classmethod
     def train(cls, out_dir: Path, overrides: dict[str, Any], progress: bool = True) -> dict[str, Any]:
-        cfg = from_dict(ShapesLlavaConfig, overrides, where=f"{NAME} training config")
+        cfg = from_dict(cls.config_class, overrides, where=f"{NAME} training config")
         return train_shapes_llava(out_dir, cfg, progress=progress)
 
     @classmethod
@@ -701,7 +702,7 @@ class ShapesLlava(ZooModel):
     @classmethod
     def evaluate(cls, folder: Path, device: Any = "cpu") -> dict[str, Any]:
         loaded = cls.load(folder, device=device)
-        cfg = from_dict(ShapesLlavaConfig, loaded.report.get("config", {}), where=f"{NAME} training config")
+        cfg = from_dict(cls.config_class, loaded.report.get("config", {}), where=f"{NAME} training config")
         return evaluate(loaded.model, loaded.processor.tokenizer, training_world(cfg.world, NAME), cfg)
 
     @classmethod

@@ -139,6 +139,14 @@ def test_a_cached_model_with_other_settings_than_the_shipped_copy_is_named_once(
     assert err.count("using the cached shapes-clip") == 1 and "steps: 3 -> 1500" in err and "remove that folder" in err
     assert main(["zoo", "list"]) == 0
     assert "shadows" in capsys.readouterr().out
+    # ... but a cached setting away from its default is one, even where the shipped copy predates the setting
+    cached_report = cache / "zoo" / "shapes-clip" / "training.json"
+    mine = json.loads(cached_report.read_text())
+    mine["config"]["vision_tower"] = "resnet"
+    cached_report.write_text(json.dumps(mine))
+    del report["config"]["vision_tower"]
+    (shipped / "training.json").write_text(json.dumps(report))
+    assert zoo.cache_differs_from_shipped("shapes-clip") == ["steps: 3 -> 1500", "vision_tower: resnet -> vit"]
 
 
 def test_zoo_cli_train_and_list(cache, capsys):
