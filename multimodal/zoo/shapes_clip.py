@@ -328,6 +328,21 @@ def save_and_report(out_dir: Path, model, tokenizer, arch_name: str, cfg, world,
     }
 
 
+def create_untrained(arch: str):
+    """``open_clip.create_model(arch)`` without its root-logger warning that no pretrained weights were
+    loaded (training from scratch is the point here)."""
+    import logging
+
+    import open_clip
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        return open_clip.create_model(arch)
+    finally:
+        logging.disable(previous)
+
+
 def train_shapes_clip(out_dir: Path, cfg: ShapesClipConfig, progress: bool = True) -> dict[str, Any]:
     """Train into ``out_dir``; returns the report (settings, loss curve, zero-shot accuracy)."""
     import open_clip
@@ -342,7 +357,7 @@ def train_shapes_clip(out_dir: Path, cfg: ShapesClipConfig, progress: bool = Tru
     register_config(out_dir)
 
     torch.manual_seed(cfg.seed)
-    model = open_clip.create_model(ARCH)
+    model = create_untrained(ARCH)
     tokenizer = open_clip.get_tokenizer(ARCH)
     ids = tokenizer(pairs.captions)
     truncated = int((ids[:, -1] != 0).sum())  # open_clip truncates long captions, keeping the end token
