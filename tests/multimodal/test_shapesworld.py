@@ -149,6 +149,10 @@ def test_corrupt_records_are_skipped_and_counted(tmp_path, capsys):
     records = list(iter_pairs(str(bad)))
     assert len(records) == 9
     assert "skipped 1" in capsys.readouterr().err
+    # a text-only reader (text hooks) neither decodes images nor loses the record whose image is broken
+    captions = list(iter_pairs(str(bad), require_image=False))
+    assert len(captions) == 10 and all(r.image is None for r in captions)
+    assert "skipped" not in capsys.readouterr().err
     garbage = tmp_path / "garbage.tar"
     garbage.write_bytes(b"\x00" * 100)
     with pytest.raises(VlsaeError, match="no readable"):
