@@ -113,3 +113,49 @@ def linear_probe_auroc(train_x: torch.Tensor, train_labels: dict[str, np.ndarray
         scores = ((test_x.detach().float().cpu() - mean) / std) @ weight + bias
     aurocs = auroc_matrix(scores, {n: test_labels[n] for n in names})
     return {n: float(aurocs[n][i]) for i, n in enumerate(names) if n in aurocs}
+
+
+def class_mean_concepts(acts: dict[str, torch.Tensor], image_labels: dict[str, np.ndarray],
+                        text_labels: dict[str, np.ndarray], image: str = "image", text: str = "text") -> tuple[list[str], torch.Tensor, dict[str, torch.Tensor]]:
+    """One unit direction per planted value, shared by both modalities, from the labels (supervised).
+
+    For each value and modality: the mean of the (modality-centred) activations
+    that have it minus the mean of those that do not, normalised; the value's
+    concept is the normalised sum of the image and the text direction. Set as
+    the concept vectors of a ``vl`` SAE (with the modality means as decoder
+    biases, which its encoder subtracts), this is the code the architecture
+    would give if training had found one concept per planted value: the
+    reference that tells the nearest-concept code's limits (what it cannot
+    express even then) from the training objective's (what it does not find).
+    Returns (value names, (values, width) directions, modality means).
+    """
+    means = {m: acts[m].detach().float().cpu().mean(0) for m in (image, text)}
+    names = [n for n in sorted(image_labels) if n in text_labels
+             and all(0 < np.asarray(lab[n]).sum() < len(lab[n]) for lab in (image_labels, text_labels))]
+    directions = []
+    for name in names:
+        total = torch.zeros_like(means[image])
+        for modality, labels in ((image, image_labels), (text, text_labels)):
+            x = acts[modality].detach().float().cpu() - means[modality]
+            has = torch.as_tensor(np.asarray(labels[name], dtype=bool))
+            total += torch.nn.functional.normalize(x[has].mean(0) - x[~has].mean(0), dim=0)
+        directions.append(torch.nn.functional.normalize(total, dim=0))
+    width = means[image].numel()
+    return names, (torch.stack(directions) if directions else torch.empty(0, width)), means
+
+
+def class_mean_vl_sae(acts: dict[str, torch.Tensor], image_labels: dict[str, np.ndarray],
+                      text_labels: dict[str, np.ndarray], k: int):
+    """An untrained ``vl`` SAE whose concepts are :func:`class_mean_concepts` (decoders left random:
+    only its codes are meant to be read)."""
+    from vlsae import create_sae
+
+    names, directions, means = class_mean_concepts(acts, image_labels, text_labels)
+    if not names:
+        raise ValueError("no planted value occurs in some but not all pairs of both modalities")
+    sae = create_sae("vl", d_in=directions.shape[1], n_latents=len(names), k=min(k, len(names)))
+    with torch.no_grad():
+        sae.W_enc.copy_(directions)
+        for modality, mean in means.items():
+            sae.b_dec[modality].copy_(mean)
+    return sae
