@@ -19,7 +19,9 @@ Hook points (batch-first token tensors of the towers' residual blocks):
   ModifiedResNet) block N is the N-th bottleneck block counted over the four
   stages (RN50: 0-2 layer1, 3-6 layer2, 7-12 layer3, 13-15 layer4), tokens =
   the positions of its feature map (no class token: use ``mean``, ``patch``
-  or ``all``);
+  or ``all``); for a timm CNN or hierarchical trunk (open_clip's ``convnext_*``
+  models) block N is the N-th feature stage timm lists (ConvNeXt
+  ``stages.N``, Swin ``layers.N``), tokens again its feature map's positions;
 - ``text.blocks.N``: output of text block N, before ``ln_final``. The text
   tower is causal, so its ``cls`` row is the token open_clip pools: the
   end-of-text token for CLIP's ``argmax`` pooling (the first end-of-text token
@@ -157,6 +159,11 @@ def _tower_parts(model: Any) -> dict[str, Any]:
         parts.update(image_blocks=list(trunk.blocks), image_seq_first=False,
                      image_prefix=int(getattr(trunk, "num_prefix_tokens", 0)),
                      image_has_cls=getattr(trunk, "cls_token", None) is not None)
+    elif hasattr(visual, "trunk") and getattr(visual.trunk, "feature_info", None):  # timm CNN / hierarchical trunk
+        trunk = visual.trunk  # ConvNeXt (stages.N), Swin (layers.N, channels-last): the feature stages timm lists
+        parts.update(image_blocks=[trunk.get_submodule(info["module"]) for info in trunk.feature_info],
+                     image_seq_first=False, image_prefix=0, image_has_cls=False,
+                     image_channels_last=getattr(trunk, "output_fmt", "NCHW") == "NHWC")
     text = getattr(model, "text", None)
     if text is None and hasattr(model, "transformer"):  # plain CLIP keeps the text tower on the model
         parts.update(text_blocks=list(model.transformer.resblocks), text_seq_first=not model.transformer.batch_first,
@@ -288,8 +295,8 @@ class OpenClipAdapter(Adapter):
         with BlockCapture({n: parts["image_blocks"][n]}, seq_first=parts["image_seq_first"]) as capture:
             capture.run(lambda: self.model.visual(x))
         hidden = capture.outputs[n]
-        if hidden.ndim == 4:  # a ResNet feature map (batch, channels, h, w): one token per position
-            hidden = hidden.flatten(2).transpose(1, 2)
+        if hidden.ndim == 4:  # a CNN feature map (batch, channels, h, w): one token per position
+            hidden = hidden.flatten(1, 2) if parts.get("image_channels_last") else hidden.flatten(2).transpose(1, 2)
         batch, seq, _ = hidden.shape
         positions = torch.arange(seq, device=hidden.device).expand(batch, seq)
         patch_mask = positions >= parts["image_prefix"]

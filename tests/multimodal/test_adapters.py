@@ -129,6 +129,28 @@ def test_clip_resnet_tower_blocks_are_feature_map_tokens(tmp_path):
         torch.testing.assert_close(pooled, rn.extract(PAIRS)["image"])
 
 
+def test_clip_convnext_trunk_stages_are_feature_map_tokens(tmp_path):
+    """open_clip's ConvNeXt CLIPs (a timm trunk without ``blocks``): one hook per feature stage."""
+    import json
+
+    config = tmp_path / "vlsae-test-tiny-convnext-clip.json"
+    config.write_text(json.dumps({**TINY_CLIP, "vision_cfg": {"timm_model_name": "convnext_atto", "timm_model_pretrained": False,
+                                                              "timm_pool": "", "timm_proj": "linear", "image_size": 32}}))
+    cnx = create_adapter(f"open_clip:{config}:random", device="cpu")
+    assert [p for p in cnx.hook_points() if p.startswith("visual.blocks.")] == [f"visual.blocks.{i}" for i in range(4)]
+    n = len(PAIRS)
+    # convnext_atto: stem /4 -> 8x8 at 40 channels, then 4x4 x 80, 2x2 x 160, 1x1 x 320
+    for block, grid, width in ((0, 64, 40), (1, 16, 80), (3, 1, 320)):
+        rows = cnx.extract(PAIRS, f"visual.blocks.{block}", "patch")
+        assert rows["image"].shape == (n * grid, width)
+        assert torch.bincount(rows.pair_index["image"]).tolist() == [grid] * n
+    stage = cnx.extract(PAIRS, "visual.blocks.1", "all")["image"].view(n, 16, 80)
+    with torch.no_grad():
+        trunk = cnx.model.visual.trunk
+        x = trunk.stages[1](trunk.stages[0](trunk.stem(cnx.prepare(PAIRS, ["image"]).inputs["image"])))
+    torch.testing.assert_close(stage, x.flatten(2).transpose(1, 2))
+
+
 def test_clip_final_hook_rejects_token_modes(clip):
     with pytest.raises(VlsaeError, match="--tokens cls"):
         clip.extract(PAIRS, "final", "patch")
