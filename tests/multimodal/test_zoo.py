@@ -227,6 +227,12 @@ def test_resnet_vision_tower_trains_saves_and_extracts_block_tokens(tmp_path):
     assert adapter.extract(pairs)["image"].shape == (4, TINY["embed_dim"])
     with pytest.raises(VlsaeError, match="vision_tower must be one of vit, resnet"):
         zoo.train_model("shapes-clip", {**TINY, "vision_tower": "convnet"}, out=tmp_path / "bad", progress=False)
+    from multimodal.zoo.shapes_clip import ShapesClipConfig, vision_config
+
+    with pytest.raises(VlsaeError, match="multiple of 32"):
+        vision_config(ShapesClipConfig(vision_tower="resnet"), image_size=48)
+    with pytest.raises(VlsaeError, match="resnet_width must be a multiple of 2"):
+        vision_config(ShapesClipConfig(vision_tower="resnet", resnet_width=3), image_size=64)
 
 
 def test_prompt_ensemble_covers_the_vocabulary():
