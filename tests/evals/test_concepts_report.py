@@ -48,6 +48,8 @@ def test_concepts_cli_writes_a_report(setup, capsys):
     assert summary["planted"]["values"] > 10
     html = (out / "index.html").read_text()
     assert "Concept cards" in html and "modality_score.png" in html and "planted_matrix.png" in html
+    assert "probe ceiling" in html and "encodable_values" in summary["planted"]
+    assert all({"ceiling_image", "ceiling_text"} <= set(m) for m in summary["planted_matches"])
     assert (out / "modality_score.png").exists() and any((out / "img").iterdir())
     assert "report:" in capsys.readouterr().out
     # refuses to overwrite, and a width mismatch is one line
@@ -58,3 +60,17 @@ def test_concepts_cli_writes_a_report(setup, capsys):
     assert main(["concepts", "--sae", str(root / "wrong"), "--data", str(root / "world"), "--model", spec,
                  "--out", str(root / "r2"), "--quiet"]) == 2
     assert "width" in capsys.readouterr().err
+
+
+def test_two_fold_probe_ceiling_separates_linear_labels_only():
+    import numpy as np
+    import torch
+
+    from evals.concepts_report import two_fold_probe_ceiling
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 16, generator=g)
+    labels = {"colour=red": (x[:, 3] > 0.5).numpy(), "shape=star": np.random.default_rng(0).random(1000) < 0.3}
+    ceiling = two_fold_probe_ceiling(x, labels)
+    assert ceiling["colour=red"] > 0.97 and 0.4 < ceiling["shape=star"] < 0.6
+    assert two_fold_probe_ceiling(x[:4], labels) == {}
