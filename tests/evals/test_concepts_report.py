@@ -74,3 +74,5 @@ def test_two_fold_probe_ceiling_separates_linear_labels_only():
     ceiling = two_fold_probe_ceiling(x, labels)
     assert ceiling["colour=red"] > 0.97 and 0.4 < ceiling["shape=star"] < 0.6
     assert two_fold_probe_ceiling(x[:4], labels) == {}
+    capped = two_fold_probe_ceiling(x, labels, max_pairs=400)  # a subsample still fits the linear label
+    assert capped["colour=red"] > 0.95
