@@ -88,8 +88,10 @@ def planted_labels(metas: list[dict[str, Any]]) -> tuple[dict[str, np.ndarray], 
     return ({k: np.array(v) for k, v in image.items()}, {k: np.array(v) for k, v in text.items()})
 
 
-def planted_probe(sae, pairs: PairActivations, image_modality: str = "image", text_modality: str = "text") -> dict[str, Any]:
-    """Best latent per planted value on images and on captions, and how often they coincide."""
+def planted_probe(sae, pairs: PairActivations, image_modality: str = "image", text_modality: str = "text",
+                  ceiling: bool = False) -> dict[str, Any]:
+    """Best latent per planted value on images and on captions, and how often they coincide;
+    with ``ceiling``, also each value's probe ceiling (:func:`two_fold_probe_ceiling`) and the encodable counts."""
     image_labels, text_labels = planted_labels(pairs.metas)
     if not image_labels:
         return {}
@@ -98,14 +100,16 @@ def planted_probe(sae, pairs: PairActivations, image_modality: str = "image", te
     image_auroc = auroc_matrix(img, image_labels)
     text_auroc = auroc_matrix(txt, text_labels)
     matches = match_values(image_auroc, text_auroc)
-    ceiling = {"image": two_fold_probe_ceiling(pairs.acts[image_modality], image_labels),
-               "text": two_fold_probe_ceiling(pairs.acts[text_modality], text_labels)}
-    summary = summarize_matches(matches)
-    encodable = [m for m in matches if min(ceiling["image"].get(m.value, 0.0), ceiling["text"].get(m.value, 0.0)) >= 0.9]
-    summary["encodable_values"] = len(encodable)
-    summary["encodable_same_and_both_ge_0.9"] = sum(m.same and min(m.image_auroc, m.text_auroc) >= 0.9 for m in encodable)
-    return {"matches": matches, "summary": summary, "image_auroc": image_auroc, "text_auroc": text_auroc,
-            "ceiling": ceiling}
+    probe = {"matches": matches, "summary": summarize_matches(matches), "image_auroc": image_auroc, "text_auroc": text_auroc}
+    if ceiling:
+        ceilings = {"image": two_fold_probe_ceiling(pairs.acts[image_modality], image_labels),
+                    "text": two_fold_probe_ceiling(pairs.acts[text_modality], text_labels)}
+        encodable = [m for m in matches if min(ceilings["image"].get(m.value, 0.0), ceilings["text"].get(m.value, 0.0)) >= 0.9]
+        probe["summary"]["encodable_values"] = len(encodable)
+        probe["summary"]["encodable_same_and_both_ge_0.9"] = sum(m.same and min(m.image_auroc, m.text_auroc) >= 0.9
+                                                                 for m in encodable)
+        probe["ceiling"] = ceilings
+    return probe
 
 
 def two_fold_probe_ceiling(acts: torch.Tensor, labels: dict[str, np.ndarray], max_pairs: int = 8000) -> dict[str, float]:
@@ -284,7 +288,7 @@ def concepts_report(sae_path: str | Path, data: str, model: str, out: str | Path
             raise VlsaeError(f"the SAE takes width {width} but {model} at hook '{hook}' gives {m} rows of width {t.shape[1]}; "
                              "use the model and hook the SAE was trained on")
     summary = summarize_concepts(sae, pairs.acts)
-    probe = planted_probe(sae, pairs) if {"image", "text"} <= set(pairs.acts) else {}
+    probe = planted_probe(sae, pairs, ceiling=True) if {"image", "text"} <= set(pairs.acts) else {}
     index = write_report(out, sae, summary, pairs, probe, title=f"Concepts of {Path(sae_path).name} ({sae.arch}) on {model}",
                          n_cards=n_cards, overwrite=overwrite)
     result = json.loads((Path(out) / "summary.json").read_text())

@@ -129,14 +129,16 @@ def class_mean_concepts(acts: dict[str, torch.Tensor], image_labels: dict[str, n
     express even then) from the training objective's (what it does not find).
     Returns (value names, (values, width) directions, modality means).
     """
-    means = {m: acts[m].detach().float().cpu().mean(0) for m in (image, text)}
+    rows = {m: acts[m].detach().float().cpu() for m in (image, text)}
+    means = {m: x.mean(0) for m, x in rows.items()}
+    centred = {m: rows[m] - means[m] for m in rows}
     names = [n for n in sorted(image_labels) if n in text_labels
              and all(0 < np.asarray(lab[n]).sum() < len(lab[n]) for lab in (image_labels, text_labels))]
     directions = []
     for name in names:
         total = torch.zeros_like(means[image])
         for modality, labels in ((image, image_labels), (text, text_labels)):
-            x = acts[modality].detach().float().cpu() - means[modality]
+            x = centred[modality]
             has = torch.as_tensor(np.asarray(labels[name], dtype=bool))
             total += torch.nn.functional.normalize(x[has].mean(0) - x[~has].mean(0), dim=0)
         directions.append(torch.nn.functional.normalize(total, dim=0))
