@@ -6,8 +6,8 @@ deterministic (no shuffling), because the activation cache resumes by position.
 A record that cannot be decoded, or lacks an image or caption, is skipped and
 counted (one warning at the end); when nothing at all is readable, reading
 fails with one line naming the shards. Text-only readers (``require_image=False``,
-used when the model reads captions only) also accept caption-only records, whose
-``image`` is None.
+used when the model reads captions only) also accept caption-only records and
+do not decode images: every record's ``image`` is None.
 """
 from __future__ import annotations
 
@@ -55,13 +55,14 @@ def expand_urls(urls: str | Path | list[str]) -> list[str]:
     return expanded
 
 
-def _decode(sample: dict[str, Any], require_image: bool = True, decode_image: bool = True) -> PairRecord:
+def _decode(sample: dict[str, Any], require_image: bool = True) -> PairRecord:
+    """One record; a text-only reader (``require_image`` false) neither needs nor decodes its image."""
     key = sample.get("__key__")
     image_bytes = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
     if key is None or (image_bytes is None and require_image) or "txt" not in sample:
         raise ValueError("record lacks __key__, an image or a caption")
     image = None
-    if image_bytes is not None and decode_image:
+    if image_bytes is not None and require_image:
         image = Image.open(io.BytesIO(image_bytes))
         image.load()
         image = image.convert("RGB")
@@ -73,11 +74,9 @@ def _decode(sample: dict[str, Any], require_image: bool = True, decode_image: bo
 class PairReader:
     """Iterate pair records of ``urls`` in order; ``skipped`` counts unreadable records."""
 
-    def __init__(self, urls: str | Path | list[str], warn: bool = True, require_image: bool = True,
-                 decode_images: bool = True):
+    def __init__(self, urls: str | Path | list[str], warn: bool = True, require_image: bool = True):
         self.urls = expand_urls(urls)
-        self.require_image = require_image
-        self.decode_images = decode_images  # False: records keep image=None (a text-only hook skips the decoding)
+        self.require_image = require_image  # False: a text-only reader, records keep image=None
         self.skipped = 0
         self.read = 0
         self.warn = warn
@@ -94,7 +93,7 @@ class PairReader:
         dataset = wds.WebDataset(self.urls, shardshuffle=False, handler=self._handler, empty_check=False)
         for sample in dataset:
             try:
-                record = _decode(sample, self.require_image, self.decode_images)
+                record = _decode(sample, self.require_image)
             except Exception as exc:  # a corrupt record must not stop the reader
                 self._handler(exc)
                 continue
@@ -109,12 +108,10 @@ class PairReader:
                   file=sys.stderr)
 
 
-def iter_pairs(urls: str | Path | list[str], require_image: bool = True,
-               decode_images: bool | None = None) -> Iterator[PairRecord]:
-    """Pair records of the shards, in order (see :class:`PairReader`). Images are decoded when
-    ``decode_images`` (default: when ``require_image``)."""
-    decode = require_image if decode_images is None else decode_images
-    return iter(PairReader(urls, require_image=require_image, decode_images=decode))
+def iter_pairs(urls: str | Path | list[str], require_image: bool = True) -> Iterator[PairRecord]:
+    """Pair records of the shards, in order (see :class:`PairReader`); ``require_image=False`` reads
+    captions only (caption-only shards too; images are not decoded)."""
+    return iter(PairReader(urls, require_image=require_image))
 
 
 def batched_pairs(urls: str | Path | list[str], batch_size: int) -> Iterator[list[PairRecord]]:
