@@ -49,7 +49,8 @@ from torch import Tensor
 from vlsae.errors import VlsaeError
 
 from multimodal.adapters import register_adapter
-from multimodal.adapters.base import Adapter, BlockCapture, Extracted, Prepared, pair_fields, select_tokens, stack_images
+from multimodal.adapters.base import (Adapter, BlockCapture, Extracted, Prepared, pair_fields, quiet_root_logging,
+                                      select_tokens, stack_images)
 
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt"}
 _WEIGHT_SUFFIXES = {".safetensors", ".npz", ".npy"} | _PICKLE_SUFFIXES
@@ -118,12 +119,11 @@ def load_open_clip(arch: str, weights: str | None, device: torch.device | str = 
                              + (f"; known tags: {', '.join(tags)}" if tags else "; pass a weights file path instead"))
         pretrained = weights
 
-    previous = logging.root.manager.disable
     # open_clip logs a warning for random weights and errors for missing ones; ours say it in one line
-    logging.disable(logging.ERROR)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device)
-        tokenizer = open_clip.get_tokenizer(arch)
+        with quiet_root_logging(logging.ERROR):
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device)
+            tokenizer = open_clip.get_tokenizer(arch)
     except (RuntimeError, OSError, ValueError) as exc:
         message = _first_line(exc)
         if pretrained is not None and pretrained == weights and not _looks_like_path(weights):
@@ -135,8 +135,6 @@ def load_open_clip(arch: str, weights: str | None, device: torch.device | str = 
         if pretrained is not None:
             raise VlsaeError(f"could not load {pretrained} into open_clip {arch}: {message}") from None
         raise VlsaeError(f"could not build open_clip {arch}: {message}") from None
-    finally:
-        logging.disable(previous)
     model.eval()
     return model, preprocess, tokenizer, arch
 

@@ -335,12 +335,10 @@ def create_untrained(arch: str):
 
     import open_clip
 
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
+    from multimodal.adapters.base import quiet_root_logging
+
+    with quiet_root_logging(logging.WARNING):
         return open_clip.create_model(arch)
-    finally:
-        logging.disable(previous)
 
 
 def train_shapes_clip(out_dir: Path, cfg: ShapesClipConfig, progress: bool = True) -> dict[str, Any]:

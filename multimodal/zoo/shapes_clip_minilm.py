@@ -159,15 +159,14 @@ def _quiet_loading():
     """open_clip and transformers log a load report for MiniLM (its unused BERT pooler); keep the console clean."""
     from transformers.utils import logging as hf_logging
 
-    previous = logging.root.manager.disable
+    from multimodal.adapters.base import quiet_root_logging
+
     bars = hf_logging.is_progress_bar_enabled()
-    logging.disable(logging.WARNING)
     hf_logging.disable_progress_bar()
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with quiet_root_logging(logging.WARNING), contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
-        logging.disable(previous)
         if bars:
             hf_logging.enable_progress_bar()
 
