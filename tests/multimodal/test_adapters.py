@@ -9,7 +9,7 @@ from vlsae.errors import VlsaeError
 
 from multimodal.adapters import adapter_usage, create_adapter, list_adapters
 
-from .tiny import GRID, TINY_CLIP, synthetic_pairs, tiny_clip_config
+from .tiny import GRID, synthetic_pairs, tiny_clip_config
 
 
 @pytest.fixture(scope="module")
@@ -97,27 +97,31 @@ def test_clip_token_modes_row_counts_and_pair_index(clip):
         torch.testing.assert_close(mean[modality], expected)
 
 
+def _assert_feature_map_hooks(adapter, n_blocks: int, expected) -> None:
+    """``n_blocks`` image block hooks; for each (block, grid, width) of ``expected``, ``patch`` gives
+    grid tokens of that width per pair, and ``widths`` agrees."""
+    assert [p for p in adapter.hook_points() if p.startswith("visual.blocks.")] == [f"visual.blocks.{i}" for i in range(n_blocks)]
+    n = len(PAIRS)
+    for block, grid, width in expected:
+        rows = adapter.extract(PAIRS, f"visual.blocks.{block}", "patch")
+        assert rows["image"].shape == (n * grid, width)
+        assert torch.bincount(rows.pair_index["image"]).tolist() == [grid] * n
+        assert adapter.widths(f"visual.blocks.{block}") == {"image": width}
+
+
 def test_clip_resnet_tower_blocks_are_feature_map_tokens(tmp_path):
     """An RN50-style tower (open_clip's ModifiedResNet): one hook per bottleneck block over the four
     stages, each position of its feature map a token; the last block's tokens are what the attention
     pool turns into the image embedding."""
-    import json
-
     from open_clip.modified_resnet import ModifiedResNet
 
-    config = tmp_path / "vlsae-test-tiny-rn-clip.json"
-    config.write_text(json.dumps({**TINY_CLIP, "vision_cfg": {"image_size": 32, "layers": [1, 2, 1, 1], "width": 8,
-                                                              "head_width": 64}}))
+    config = tiny_clip_config(tmp_path, "vlsae-test-tiny-rn-clip",
+                              {"image_size": 32, "layers": [1, 2, 1, 1], "width": 8, "head_width": 64})
     rn = create_adapter(f"open_clip:{config}:random", device="cpu")
     assert isinstance(rn.model.visual, ModifiedResNet)
-    assert [p for p in rn.hook_points() if p.startswith("visual.blocks.")] == [f"visual.blocks.{i}" for i in range(5)]
-    n = len(PAIRS)
     # 32x32 images: stem /4 -> 8x8 (stage 1), 4x4, 2x2, 1x1; widths 4x the stage width (8, 16, 32, 64)
-    for block, grid, width in ((0, 64, 32), (2, 16, 64), (4, 1, 256)):
-        rows = rn.extract(PAIRS, f"visual.blocks.{block}", "patch")
-        assert rows["image"].shape == (n * grid, width)
-        assert torch.bincount(rows.pair_index["image"]).tolist() == [grid] * n
-        assert rn.widths(f"visual.blocks.{block}") == {"image": width}
+    _assert_feature_map_hooks(rn, 5, ((0, 64, 32), (2, 16, 64), (4, 1, 256)))
+    n = len(PAIRS)
     mean = rn.extract(PAIRS, "visual.blocks.2", "mean")["image"]
     patch = rn.extract(PAIRS, "visual.blocks.2", "patch")
     torch.testing.assert_close(mean, patch["image"].view(n, 16, 64).mean(1))
@@ -131,19 +135,13 @@ def test_clip_resnet_tower_blocks_are_feature_map_tokens(tmp_path):
 
 def test_clip_convnext_trunk_stages_are_feature_map_tokens(tmp_path):
     """open_clip's ConvNeXt CLIPs (a timm trunk without ``blocks``): one hook per feature stage."""
-    import json
-
-    config = tmp_path / "vlsae-test-tiny-convnext-clip.json"
-    config.write_text(json.dumps({**TINY_CLIP, "vision_cfg": {"timm_model_name": "convnext_atto", "timm_model_pretrained": False,
-                                                              "timm_pool": "", "timm_proj": "linear", "image_size": 32}}))
+    config = tiny_clip_config(tmp_path, "vlsae-test-tiny-convnext-clip",
+                              {"timm_model_name": "convnext_atto", "timm_model_pretrained": False, "timm_pool": "",
+                               "timm_proj": "linear", "image_size": 32})
     cnx = create_adapter(f"open_clip:{config}:random", device="cpu")
-    assert [p for p in cnx.hook_points() if p.startswith("visual.blocks.")] == [f"visual.blocks.{i}" for i in range(4)]
-    n = len(PAIRS)
     # convnext_atto: stem /4 -> 8x8 at 40 channels, then 4x4 x 80, 2x2 x 160, 1x1 x 320
-    for block, grid, width in ((0, 64, 40), (1, 16, 80), (3, 1, 320)):
-        rows = cnx.extract(PAIRS, f"visual.blocks.{block}", "patch")
-        assert rows["image"].shape == (n * grid, width)
-        assert torch.bincount(rows.pair_index["image"]).tolist() == [grid] * n
+    _assert_feature_map_hooks(cnx, 4, ((0, 64, 40), (1, 16, 80), (3, 1, 320)))
+    n = len(PAIRS)
     stage = cnx.extract(PAIRS, "visual.blocks.1", "all")["image"].view(n, 16, 80)
     with torch.no_grad():
         trunk = cnx.model.visual.trunk

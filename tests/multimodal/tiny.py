@@ -17,10 +17,11 @@ GRID = (32 // 8) ** 2  # patches per image of the tiny CLIP
 WORDS = ["red", "green", "blue", "circle", "square", "small", "large", "left", "right", "top"]
 
 
-def tiny_clip_config(folder: Path, name: str = "vlsae-test-tiny-clip") -> Path:
-    """Write the tiny CLIP config as ``folder/name.json`` (register it via the spec)."""
+def tiny_clip_config(folder: Path, name: str = "vlsae-test-tiny-clip", vision_cfg: dict | None = None) -> Path:
+    """Write the tiny CLIP config as ``folder/name.json`` (register it via the spec); ``vision_cfg``
+    replaces its ViT tower (e.g. a ResNet or a timm trunk)."""
     path = Path(folder) / f"{name}.json"
-    path.write_text(json.dumps(TINY_CLIP))
+    path.write_text(json.dumps(TINY_CLIP if vision_cfg is None else {**TINY_CLIP, "vision_cfg": vision_cfg}))
     return path
 
 
