@@ -162,9 +162,9 @@ def main() -> None:
         for summary, probe in mine:
             hits = [m for m in probe["matches"] if m.value in reachable]
             stats["same"].append(probe["summary"]["same_index_rate"])
-            stats["both"].append(sum(m.same and min(m.image_auroc, m.text_auroc) >= 0.9 for m in probe["matches"]))
+            stats["both"].append(sum(m.shared_and_separated for m in probe["matches"]))
             stats["same_enc"].append(sum(m.same for m in hits))
-            stats["both_enc"].append(sum(m.same and min(m.image_auroc, m.text_auroc) >= 0.9 for m in hits))
+            stats["both_enc"].append(sum(m.shared_and_separated for m in hits))
             for m in ("image", "text"):
                 stats[f"fvu_{m}"].append(summary.get(f"fvu_{m}", float("nan")))
         n_all, n_enc = len(mine[0][1]["matches"]), len(reachable)
@@ -175,8 +175,8 @@ def main() -> None:
     s, enc = reference["summary"], [m for m in reference["matches"] if m.value in reachable]
     print(f"reference, not trained: vl's code with one class-mean concept per planted value (supervised; k={args.k}): "
           f"same index {s['same_index_rate']:.2f}, same + both >= 0.9 "
-          f"{sum(m.same and min(m.image_auroc, m.text_auroc) >= 0.9 for m in reference['matches'])} of "
-          f"{len(reference['matches'])} ({sum(m.same and min(m.image_auroc, m.text_auroc) >= 0.9 for m in enc)} of "
+          f"{sum(m.shared_and_separated for m in reference['matches'])} of "
+          f"{len(reference['matches'])} ({sum(m.shared_and_separated for m in enc)} of "
           f"{len(reachable)} encodable), AUROC images {s['image_auroc']:.3f}, captions {s['text_auroc']:.3f}")
 
 

@@ -106,8 +106,7 @@ def planted_probe(sae, pairs: PairActivations, image_modality: str = "image", te
                     "text": two_fold_probe_ceiling(pairs.acts[text_modality], text_labels)}
         encodable = [m for m in matches if min(ceilings["image"].get(m.value, 0.0), ceilings["text"].get(m.value, 0.0)) >= 0.9]
         probe["summary"]["encodable_values"] = len(encodable)
-        probe["summary"]["encodable_same_and_both_ge_0.9"] = sum(m.same and min(m.image_auroc, m.text_auroc) >= 0.9
-                                                                 for m in encodable)
+        probe["summary"]["encodable_same_and_both_ge_0.9"] = sum(m.shared_and_separated for m in encodable)
         probe["ceiling"] = ceilings
     return probe
 

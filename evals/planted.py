@@ -49,6 +49,11 @@ class ValueMatch:
     def same(self) -> bool:
         return self.image_latent == self.text_latent
 
+    @property
+    def shared_and_separated(self) -> bool:
+        """The VL-SAE target for one value: the same latent on both sides, AUROC >= 0.9 on each."""
+        return self.same and min(self.image_auroc, self.text_auroc) >= 0.9
+
 
 def match_values(image_auroc: dict[str, np.ndarray], text_auroc: dict[str, np.ndarray]) -> list[ValueMatch]:
     """For every value scored on both sides, the best latent per modality."""
