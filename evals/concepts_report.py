@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from evals.planted import auroc_matrix, match_values, summarize_matches
-from vlsae.checkpoint import atomic_write_text, load_sae
+from vlsae.checkpoint import load_sae
+from vlsae.files import atomic_write_text
 from vlsae.concepts import ConceptSummary, latent_activations, summarize_concepts
 from vlsae.errors import VlsaeError
 
@@ -95,8 +96,8 @@ def planted_probe(sae, pairs: PairActivations, image_modality: str = "image", te
     image_labels, text_labels = planted_labels(pairs.metas)
     if not image_labels:
         return {}
-    img = latent_activations(sae, pairs.acts[image_modality], _modality_arg(sae, image_modality))
-    txt = latent_activations(sae, pairs.acts[text_modality], _modality_arg(sae, text_modality))
+    img = latent_activations(sae, pairs.acts[image_modality], image_modality)
+    txt = latent_activations(sae, pairs.acts[text_modality], text_modality)
     image_auroc = auroc_matrix(img, image_labels)
     text_auroc = auroc_matrix(txt, text_labels)
     matches = match_values(image_auroc, text_auroc)
@@ -127,10 +128,6 @@ def two_fold_probe_ceiling(acts: torch.Tensor, labels: dict[str, np.ndarray], ma
                               acts[odd], {k: v[odd.numpy()] for k, v in labels.items()})
 
 
-def _modality_arg(sae, modality: str) -> str | None:
-    return modality if getattr(getattr(sae, "config", None), "modalities", ()) else None
-
-
 def write_report(out: str | Path, sae, summary: ConceptSummary, pairs: PairActivations, probe: dict[str, Any],
                  title: str, n_cards: int = 24, overwrite: bool = False) -> Path:
     """Write the report folder atomically (built aside, then moved into place)."""
@@ -156,7 +153,7 @@ def write_report(out: str | Path, sae, summary: ConceptSummary, pairs: PairActiv
     }
     atomic_write_text(tmp / "summary.json", json.dumps(data, indent=2))
     atomic_write_text(tmp / "index.html", _html(data, figures, cards))
-    from vlsae.checkpoint import replace_dir
+    from vlsae.files import replace_dir
     replace_dir(tmp, out)
     return out / "index.html"
 

@@ -46,7 +46,7 @@ def run_demo(out: str | Path = "runs/demo", pairs: int = 4000, steps: int = 1500
     from multimodal.extract import ExtractConfig, extract
     from multimodal.shapesworld import ShapesWorldConfig, write_world
     from multimodal.zoo import load_model
-    from vlsae.checkpoint import atomic_write_text
+    from vlsae.files import atomic_write_text
     from vlsae.training.log import print_summary
 
     out = Path(out)

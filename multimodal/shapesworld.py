@@ -501,6 +501,6 @@ def write_world(config: ShapesWorldConfig, out_dir: str | Path, n: int, shard_si
                 totals.setdefault(attr, {})[value] = totals.setdefault(attr, {}).get(value, 0) + count
     summary = {"n": n, "shards": len(jobs), "shard_size": shard_size, "pattern": f"{out}/{{000000..{len(jobs) - 1:06d}}}.tar",
                "counts": totals, "corrupted": sum(totals.get("corruption", {}).values())}
-    from vlsae.checkpoint import atomic_write_text
+    from vlsae.files import atomic_write_text
     atomic_write_text(out / "world.json", json.dumps({"config": to_dict(config), "vocabulary": vocabulary(), "summary": summary}, indent=2))
     return summary

@@ -30,6 +30,7 @@ from torch import nn
 
 from vlsae.config import from_dict, option, to_dict
 from vlsae.errors import VlsaeError
+from vlsae.files import atomic_save_tensors, atomic_write_text, read_safetensors
 from vlsae.sparse import SparseCode
 
 PROJECTOR_WEIGHTS = "projector.safetensors"
@@ -117,14 +118,12 @@ class ContrastiveProjector(nn.Module):
 
     # ------------------------------------------------------------ save/load
     def save(self, path: str | Path) -> None:
-        from vlsae.checkpoint import atomic_write_text, atomic_save_tensors
         path = Path(path)
         atomic_save_tensors({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, path / PROJECTOR_WEIGHTS)
         atomic_write_text(path / PROJECTOR_CONFIG, json.dumps(to_dict(self.config), indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> "ContrastiveProjector":
-        from vlsae.checkpoint import read_safetensors
         path = Path(path)
         try:
             record = json.loads((path / PROJECTOR_CONFIG).read_text())
@@ -247,11 +246,17 @@ class AlignedSAE(nn.Module):
     def n_latents(self) -> int:
         return self.sae.n_latents
 
-    def encode(self, x: torch.Tensor, modality: str) -> SparseCode:
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self.sae.modalities
+
+    def encode(self, x: torch.Tensor, modality: str | None = None) -> SparseCode:
+        modality = self.sae.resolve_modality(modality)
         return self.sae.encode(self.projector.to_shared(x, modality), modality)
 
-    def decode(self, code: SparseCode, modality: str) -> torch.Tensor:
+    def decode(self, code: SparseCode, modality: str | None = None) -> torch.Tensor:
+        modality = self.sae.resolve_modality(modality)
         return self.projector.from_shared(self.sae.decode(code, modality), modality)
 
-    def forward(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, modality: str | None = None) -> torch.Tensor:
         return self.decode(self.encode(x, modality), modality)

@@ -10,72 +10,20 @@ a half-written checkpoint where a good one was.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
+from vlsae.alignment import PROJECTOR_WEIGHTS, AlignedSAE, ContrastiveProjector
 from vlsae.config import to_dict
 from vlsae.errors import VlsaeError
-from vlsae.saes import SAE, create_sae, get_sae_class
+from vlsae.files import atomic_save_tensors, atomic_write_text, read_safetensors
+from vlsae.saes import SAE, create_sae, is_multimodal_arch
 
 WEIGHTS = "sae.safetensors"
 CONFIG = "config.json"
 FORMAT_VERSION = 1
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file via a temp file + rename, so readers never see half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
-    """Move a fully written ``tmp_dir`` to ``final_dir``, replacing an older one.
-
-    The old folder is renamed aside first and removed only after the new one is
-    in place, so at every instant one complete copy exists on disk.
-    """
-    final_dir = Path(final_dir)
-    old = final_dir.with_name(f".{final_dir.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final_dir.exists():
-        os.replace(final_dir, old)
-    os.replace(tmp_dir, final_dir)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """save_file via a temp file + rename: the old file stays intact until the new one is complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_sae(sae: SAE, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
@@ -92,29 +40,6 @@ def save_sae(sae: SAE, path: str | Path, metadata: dict[str, Any] | None = None)
         record["metadata"] = metadata
     atomic_write_text(path / CONFIG, json.dumps(record, indent=2))
     return path
-
-
-def _looks_like_pickle(path: Path) -> bool:
-    """torch.save writes a zip ('PK') or a raw pickle (0x80 protocol byte); a
-    safetensors file starts with an 8-byte header length followed by '{'."""
-    with open(path, "rb") as handle:
-        head = handle.read(9)
-    if len(head) == 9 and head[8:9] == b"{":
-        return False
-    return head[:1] == b"\x80" or head[:2] == b"PK"
-
-
-def read_safetensors(path: str | Path, what: str = "weights") -> dict[str, torch.Tensor]:
-    """Load a safetensors file with one-line errors for missing, pickled or truncated files."""
-    path = Path(path)
-    if not path.is_file():
-        raise VlsaeError(f"{what} file not found: {path}")
-    if path.suffix in {".pt", ".pth", ".bin", ".pkl", ".ckpt"} or _looks_like_pickle(path):
-        raise VlsaeError(f"{path} is a pickle/torch.save file; vlsae only loads safetensors (convert it with safetensors.torch.save_file)")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise VlsaeError(f"{what} file {path} is corrupt or truncated ({str(exc).splitlines()[0]}); re-create it or restore a copy") from None
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -145,8 +70,10 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     """
     path = Path(path)
     record = read_config(path)
-    get_sae_class(record["arch"])  # unknown arch -> one-line error listing the registry
-    sae = create_sae(record["arch"], record["config"])
+    config = dict(record["config"])
+    if not is_multimodal_arch(record["arch"]) and not config.get("modalities", True):
+        del config["modalities"]  # single-stream checkpoints of vlsae 0.1 recorded an empty modality list
+    sae = create_sae(record["arch"], config)
     tensors = read_safetensors(path / WEIGHTS, what="SAE weights")
     expected = sae.state_dict()
     missing = sorted(set(expected) - set(tensors))
@@ -158,7 +85,6 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
             raise VlsaeError(f"{path / WEIGHTS}: tensor '{name}' has shape {tuple(tensor.shape)}, config says {tuple(expected[name].shape)}")
     sae.load_state_dict(tensors)
     sae = sae.to(device)
-    from vlsae.alignment import PROJECTOR_WEIGHTS, AlignedSAE, ContrastiveProjector
     if (path / PROJECTOR_WEIGHTS).exists():
         return AlignedSAE(sae, ContrastiveProjector.load(path).to(device))  # type: ignore[return-value]
     return sae

@@ -50,20 +50,6 @@ class ConceptSummary:
         return torch.stack([r > 0 for r in self.fire_rate.values()]).any(0)
 
 
-def _encode(sae, x: torch.Tensor, modality: str):
-    try:
-        return sae.encode(x, modality)
-    except TypeError:  # single-stream SAEs take no modality
-        return sae.encode(x)
-
-
-def _decode(sae, code, modality: str) -> torch.Tensor:
-    try:
-        return sae.decode(code, modality)
-    except TypeError:
-        return sae.decode(code)
-
-
 @torch.no_grad()
 def summarize_concepts(sae, data: dict[str, torch.Tensor], top_n: int = 8, batch_size: int = 1024) -> ConceptSummary:
     """Stream ``data`` (modality -> (n_pairs, d) with aligned rows) through ``sae``.
@@ -97,13 +83,13 @@ def summarize_concepts(sae, data: dict[str, torch.Tensor], top_n: int = 8, batch
         active = {}
         for m in modalities:
             x = data[m][start:stop].float()
-            code = _encode(sae, x, m)
+            code = sae.encode(x, m)
             dense = code.to_dense().float()
             active[m] = dense != 0
             fired[m] += active[m].sum(0)
             total[m] += dense.sum(0)
             l0_sum[m] += float(active[m].sum())
-            recon = _decode(sae, code, m)
+            recon = sae.decode(code, m)
             sq_err[m] += float((x - recon).pow(2).sum())
             sums[m] += x.sum(0).double()
             sq_sums[m] += float(x.double().pow(2).sum())
@@ -150,6 +136,6 @@ def latent_activations(sae, x: torch.Tensor, modality: str | None = None, batch_
     out = []
     for start in range(0, x.shape[0], batch_size):
         chunk = x[start:start + batch_size].float()
-        code = _encode(sae, chunk, modality) if modality is not None else sae.encode(chunk)
+        code = sae.encode(chunk, modality)
         out.append(code.to_dense())
     return torch.cat(out) if out else torch.zeros(0, int(sae.n_latents))

@@ -140,18 +140,30 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def parse_key_values(items: list[str], flag: str = "--set", example: str = "sae.k=16") -> dict[str, Any]:
+    """``["a=1", "b.c=x"]`` -> ``{"a": 1, "b.c": "x"}``: the one parser of ``key=value`` flags.
+
+    Values are read as YAML (``16`` is an int, ``[1, 2]`` a list, ``true`` a bool);
+    anything YAML cannot read stays a string. A later key wins over an earlier one.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise VlsaeError(f"{flag} '{item}' must look like key=value, e.g. {example}")
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` strings (values parsed as YAML) to a nested dict."""
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     for item in overrides:
-        if "=" not in item:
-            raise VlsaeError(f"override '{item}' must look like key=value, e.g. sae.k=16")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        parts = key.strip().split(".")
+        key, value = next(iter(parse_key_values([item], flag="override").items()))
+        parts = key.split(".")
         node = data
         for part in parts[:-1]:
             child = node.get(part)

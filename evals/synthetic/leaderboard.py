@@ -33,10 +33,10 @@ import torch
 
 from evals.synthetic.generators import PlantedData, generate, list_presets
 from evals.synthetic.score import encode_decode, score_pair, score_sae
-from vlsae.checkpoint import atomic_write_text
 from vlsae.config import from_dict
 from vlsae.errors import VlsaeError
-from vlsae.saes import create_sae, get_sae_class, list_archs
+from vlsae.files import atomic_write_text
+from vlsae.saes import create_sae, get_sae_class, is_multimodal_arch, list_archs
 from vlsae.training import TensorSource, TrainConfig, train
 
 # Per suite: sizes that finish the default architecture list in about a minute
@@ -97,11 +97,6 @@ def _config_field_defaults(arch: str) -> dict[str, Any]:
     return out
 
 
-def arch_is_multimodal(arch: str) -> bool:
-    """True when the arch's config declares modalities by default (paired dict batches)."""
-    return bool(_config_field_defaults(arch).get("modalities"))
-
-
 def penalty_field(arch: str) -> str | None:
     """The arch's sparsity-penalty coefficient field, or None when it has a ``k``."""
     fields = _config_field_defaults(arch)
@@ -118,7 +113,7 @@ def default_archs(suite: str, preset: str) -> list[str]:
     multimodal archs only on the multimodal suite's shared setting (one width)."""
     out = []
     for arch in list_archs():
-        if arch_is_multimodal(arch) and not (suite == "multimodal" and preset == "shared"):
+        if is_multimodal_arch(arch) and not (suite == "multimodal" and preset == "shared"):
             continue
         out.append(arch)
     return out
@@ -243,9 +238,9 @@ def run_suite(suite: str, archs: list[str] | None = None, *, n_latents: int | No
     archs = list(archs) if archs else default_archs(suite, preset)
     for arch in archs:
         get_sae_class(arch)  # unknown names fail before any training
-        if arch_is_multimodal(arch) and suite != "multimodal":
+        if is_multimodal_arch(arch) and suite != "multimodal":
             raise VlsaeError(f"'{arch}' is a multimodal SAE; it needs the multimodal suite")
-        if arch_is_multimodal(arch) and preset == "separate":
+        if is_multimodal_arch(arch) and preset == "separate":
             raise VlsaeError(f"'{arch}' has one input width; the separate setting has two (use --preset shared)")
 
     if seeds < 1:
@@ -331,7 +326,7 @@ def _sort_value(value: Any, higher: bool) -> float:
 def _run_arch(arch: str, data: PlantedData, width: int, k: int, steps: int, batch_size: int, seed: int,
               lr: float | None, device: str, extra: dict[str, Any], tries: int,
               train_options: dict[str, Any]) -> dict[str, Any]:
-    multimodal_sae = arch_is_multimodal(arch)
+    multimodal_sae = is_multimodal_arch(arch)
     row: dict[str, Any] = {"arch": arch, "n_latents": width, "l0_target": k}
     fields = _config_field_defaults(arch)
     kw = {key: v for key, v in ARCH_DEFAULTS.get(arch, {}).items() if key in fields}

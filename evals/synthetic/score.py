@@ -18,11 +18,6 @@ from vlsae.sparse import SparseCode
 
 
 # ---------------------------------------------------------------- SAE access
-def is_multimodal_sae(sae: Any) -> bool:
-    """True for SAEs that take dict batches keyed by modality (config.modalities non-empty)."""
-    return bool(getattr(getattr(sae, "config", None), "modalities", ()))
-
-
 def _device(sae: torch.nn.Module) -> torch.device:
     try:
         return next(sae.parameters()).device
@@ -37,16 +32,14 @@ def decoder_directions(sae: Any, modality: str | None = None) -> torch.Tensor:
     dev = _device(sae)
     one_hot = SparseCode(torch.ones(n, 1, device=dev), torch.arange(n, device=dev)[:, None], n)
     empty = SparseCode(torch.zeros(1, 1, device=dev), torch.zeros(1, 1, dtype=torch.long, device=dev), n)
-    kw = {"modality": modality} if modality is not None else {}
-    return (sae.decode(one_hot, **kw) - sae.decode(empty, **kw)).float().cpu()
+    return (sae.decode(one_hot, modality) - sae.decode(empty, modality)).float().cpu()
 
 
 @torch.no_grad()
 def encode_decode(sae: Any, x: torch.Tensor, modality: str | None = None,
                   batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense codes (n, n_latents) and reconstructions (n, d) of x, in batches.
-    Multimodal SAEs get ``modality=`` on encode and decode."""
-    kw = {"modality": modality} if (modality is not None and is_multimodal_sae(sae)) else {}
+    Multimodal SAEs use ``modality``; single-stream ones ignore it."""
     dev = _device(sae)
     was_training = sae.training
     sae.eval()
@@ -54,9 +47,9 @@ def encode_decode(sae: Any, x: torch.Tensor, modality: str | None = None,
     try:
         for start in range(0, x.shape[0], batch_size):
             xb = x[start:start + batch_size].to(dev)
-            code = sae.encode(xb, **kw)
+            code = sae.encode(xb, modality)
             codes.append(code.to_dense().float().cpu())
-            recons.append(sae.decode(code, **kw).float().cpu())
+            recons.append(sae.decode(code, modality).float().cpu())
     finally:
         sae.train(was_training)
     return torch.cat(codes), torch.cat(recons)
@@ -174,7 +167,7 @@ def score_sae(sae: Any, data: PlantedData) -> dict[str, Any]:
         Z, R, D = {}, {}, {}
         for m in data.modalities:
             Z[m], R[m] = encode_decode(sae, data.test[m], m)
-            D[m] = decoder_directions(sae, m if is_multimodal_sae(sae) else None)
+            D[m] = decoder_directions(sae, m)
         return score_planted(data, Z, R, D)
     Z, R = encode_decode(sae, data.test)
     return score_planted(data, Z, R, decoder_directions(sae))

@@ -25,7 +25,9 @@ from typing import Any, Callable
 
 from vlsae.errors import VlsaeError
 
-from multimodal.adapters.base import TOKEN_MODES, Adapter, Extracted, resolve_device, resolve_dtype
+from vlsae.devices import resolve_device
+
+from multimodal.adapters.base import TOKEN_MODES, Adapter, Extracted, resolve_dtype
 
 _REGISTRY: dict[str, type[Adapter]] = {}
 _IMPORTED = False

@@ -53,22 +53,6 @@ def quiet_root_logging(level: int):
         logging.disable(previous)
 
 
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """"auto" -> cuda when available, else cpu; a CUDA request without CUDA is a user error."""
-    if isinstance(device, torch.device):
-        return device
-    name = (device or "auto").strip().lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise VlsaeError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise VlsaeError(f"device '{device}' asked for, but this machine has no CUDA device; use --device cpu or auto")
-    return resolved
-
-
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """"fp32" | "bf16" | "fp16" (or a torch dtype among those) -> torch dtype."""
     if isinstance(dtype, torch.dtype):

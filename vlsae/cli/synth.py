@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-import yaml
-
 from evals.synthetic.generators import list_suites
+from vlsae.config import parse_key_values
 from vlsae.errors import VlsaeError
 
 HELP = "train SAEs on a planted-feature suite and print the recovery leaderboard"
@@ -47,22 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
-def _options(items: list[str], flag: str = "--option", example: str = "correlation=0.3") -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise VlsaeError(f"{flag} '{item}' must look like key=value, e.g. {example}")
-        key, raw = item.split("=", 1)
-        try:
-            out[key.strip()] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            out[key.strip()] = raw
-    return out
-
-
 def _sae_options(items: list[str]) -> dict:
     out: dict = {}
-    for key, value in _options(items, "--sae-option", "mp.residual_threshold=0.05").items():
+    for key, value in parse_key_values(items, "--sae-option", "mp.residual_threshold=0.05").items():
         arch, dot, name = key.partition(".")
         if not dot or not arch or not name:
             raise VlsaeError(f"--sae-option '{key}' must name the arch: ARCH.KEY=VALUE, e.g. jumprelu.init_threshold=1")
@@ -78,9 +64,9 @@ def run(args: argparse.Namespace) -> int:
         raise VlsaeError("--archs is empty; give names like topk,relu or leave it out")
     run_suite(args.suite, archs, n_latents=args.latents, k=args.k, steps=args.steps, seed=args.seed,
               seeds=args.seeds, preset=args.preset, n_train=args.n_train, n_test=args.n_test, noise=args.noise,
-              batch_size=args.batch_size, lr=args.lr, device=args.device, options=_options(args.option),
+              batch_size=args.batch_size, lr=args.lr, device=args.device, options=parse_key_values(args.option),
               arch_options=_sae_options(args.sae_option),
-              train_options=_options(args.train_option, "--train-option", "b_dec_init=zeros"),
+              train_options=parse_key_values(args.train_option, "--train-option", "b_dec_init=zeros"),
               out=args.out, overwrite=args.overwrite)
     if args.out:
         print(f"wrote {args.out}")

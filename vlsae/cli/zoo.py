@@ -13,8 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-import yaml
-
+from vlsae.config import parse_key_values
 from vlsae.errors import VlsaeError
 
 HELP = "list, train or evaluate the small models of the embedded default (shapes-clip, ...)"
@@ -28,19 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="train into (ship from, evaluate) this folder instead of the cache")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-
-
-def _overrides(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise VlsaeError(f"--set '{item}' must look like key=value, e.g. steps=500")
-        key, raw = item.split("=", 1)
-        try:
-            out[key.strip()] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            out[key.strip()] = raw
-    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"shipped {args.name} -> {target} ({size / 2**20:.1f} MiB)")
         return 0
     if args.action == "train":
-        result = zoo.train_model(args.name, _overrides(args.overrides), out=args.out, progress=not args.no_progress)
+        result = zoo.train_model(args.name, parse_key_values(args.overrides, example="steps=500"), out=args.out, progress=not args.no_progress)
         report = result.report
         print(f"trained {result.name} in {result.seconds:.0f} s -> {result.path}")
     else:

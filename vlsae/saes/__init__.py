@@ -1,42 +1,38 @@
 """The SAE registry: every architecture registered by name.
 
 Adding an architecture means one new file in this package with a config
-dataclass, a module, and ``@register_sae("name")``; the package imports every
-module here at start, so ``vlsae train --arch name`` and the docs see it.
+dataclass, a module, and ``@register_sae("name")``; the registry imports every
+module here on first lookup, so ``vlsae train --arch name`` and the docs see it.
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any, Callable
 
-from vlsae.config import from_dict
+from vlsae.config import from_dict, to_dict
 from vlsae.errors import VlsaeError
-from vlsae.saes.base import SAE, SAEConfig, TrainContext, TrainOutput
+from vlsae.registry import Registry
+from vlsae.saes.base import SAE, MultimodalSAE, SAEConfig, TrainContext, TrainOutput
 
-_REGISTRY: dict[str, type[SAE]] = {}
+SAES: Registry[type[SAE]] = Registry("SAE architecture", packages=[__name__], name_attr="arch")
 
 
 def register_sae(name: str) -> Callable[[type[SAE]], type[SAE]]:
     """Class decorator: make an SAE architecture buildable by ``name``."""
-    def wrap(cls: type[SAE]) -> type[SAE]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"SAE architecture '{name}' registered twice")
-        cls.arch = name
-        _REGISTRY[name] = cls
-        return cls
-    return wrap
+    return SAES.register(name)
 
 
 def list_archs() -> list[str]:
     """Names of every registered architecture, sorted."""
-    return sorted(_REGISTRY)
+    return SAES.names()
 
 
 def get_sae_class(name: str) -> type[SAE]:
-    if name not in _REGISTRY:
-        raise VlsaeError(f"unknown SAE architecture '{name}'; registered: {', '.join(list_archs())}")
-    return _REGISTRY[name]
+    return SAES.get(name)
+
+
+def is_multimodal_arch(name: str) -> bool:
+    """True when the architecture trains on paired batches (a dict of modality -> rows)."""
+    return issubclass(get_sae_class(name), MultimodalSAE)
 
 
 def make_config(arch: str, values: dict[str, Any] | SAEConfig) -> SAEConfig:
@@ -54,7 +50,6 @@ def create_sae(arch: str, config: dict[str, Any] | SAEConfig | None = None, **ov
     values: dict[str, Any] | SAEConfig
     if isinstance(config, SAEConfig):
         if overrides:
-            from vlsae.config import to_dict
             values = {**to_dict(config), **overrides}
         else:
             values = config
@@ -63,13 +58,5 @@ def create_sae(arch: str, config: dict[str, Any] | SAEConfig | None = None, **ov
     return get_sae_class(arch)(make_config(arch, values))
 
 
-def _import_all() -> None:
-    for module in pkgutil.iter_modules(__path__):
-        if module.name != "base":
-            importlib.import_module(f"{__name__}.{module.name}")
-
-
-_import_all()
-
-__all__ = ["SAE", "SAEConfig", "TrainContext", "TrainOutput", "register_sae", "list_archs",
+__all__ = ["SAES", "SAE", "MultimodalSAE", "SAEConfig", "is_multimodal_arch", "TrainContext", "TrainOutput", "register_sae", "list_archs",
            "get_sae_class", "make_config", "create_sae"]

@@ -36,7 +36,7 @@ class AbsTopKSAE(TopKSAE):
         """(batch, n_latents) -> (batch, k) indices of the largest |pre-activation|."""
         return pre.abs().topk(self.config.k, dim=1, sorted=False).indices
 
-    def encode(self, x: torch.Tensor) -> SparseCode:
+    def encode(self, x: torch.Tensor, modality: str | None = None) -> SparseCode:
         self.check_input(x)
         pre = self.pre_activations(x)
         indices = self.select(pre)

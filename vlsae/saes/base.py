@@ -7,11 +7,17 @@ checkpoints document (``W_enc`` (n_latents, d_in), ``b_enc`` (n_latents,),
 ``W_dec`` (n_latents, d_in), ``b_dec`` (d_in,)), decoder-norm handling, input
 scale folding and the dense/sparse conversions. Architectures override only
 what differs.
+
+Multimodal SAEs (:class:`MultimodalSAE`) train on paired batches, a dict of
+modality -> (batch, d_in) rows, and say which modalities in one place: the
+``modalities`` attribute every SAE has (empty for a single-stream SAE). Every
+SAE takes the same ``encode(x, modality=None)`` / ``decode(code, modality=None)``;
+a single-stream SAE ignores the modality.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Union
 
 import torch
 from torch import nn
@@ -20,6 +26,8 @@ from vlsae.config import option
 from vlsae.errors import VlsaeError
 from vlsae.kernels import sparse_decode
 from vlsae.sparse import SparseCode
+
+Batch = Union[torch.Tensor, dict[str, torch.Tensor]]
 
 
 @dataclass
@@ -31,7 +39,6 @@ class SAEConfig:
     unit_norm_decoder: bool = option(True, help="keep decoder rows at unit norm (gradient parallel to each row removed)")
     decoder_init_norm: float = option(0.1, help="initial decoder row norm when unit_norm_decoder is false")
     hook: str = option("", help="where the activations came from (model spec and hook point), for the record")
-    modalities: tuple[str, ...] = option((), factory=tuple, help="modalities this SAE decodes into; empty for a single-stream SAE")
 
     def __post_init__(self) -> None:
         if self.d_in is None or self.n_latents is None:
@@ -54,7 +61,7 @@ class TrainOutput:
     """recon: (batch, d_in) or a dict modality -> tensor; losses: named scalar terms
     summed into the objective; code: the sparse code, for L0 and fired-latent tracking."""
 
-    recon: torch.Tensor | dict[str, torch.Tensor]
+    recon: Batch
     losses: dict[str, torch.Tensor]
     code: SparseCode
     metrics: dict[str, float] = field(default_factory=dict)
@@ -111,23 +118,29 @@ class SAE(nn.Module):
     def n_latents(self) -> int:
         return self.config.n_latents
 
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The modalities this SAE reads paired batches of; empty for a single-stream SAE."""
+        return ()
+
     def check_input(self, x: torch.Tensor) -> None:
         """One-line errors for the two mistakes everybody makes once."""
         if x.ndim != 2 or x.shape[1] != self.d_in:
             raise VlsaeError(f"{self.arch} SAE expects inputs of shape (batch, {self.d_in}), got {tuple(x.shape)}")
 
-    def encode(self, x: torch.Tensor) -> SparseCode:
-        """x: (batch, d_in) -> sparse code (inference path)."""
+    def encode(self, x: torch.Tensor, modality: str | None = None) -> SparseCode:
+        """x: (batch, d_in) -> sparse code (inference path); ``modality`` names the stream
+        for multimodal SAEs and is ignored by single-stream ones."""
         raise NotImplementedError
 
     def decode(self, code: SparseCode, modality: str | None = None) -> torch.Tensor:
         """code -> (batch, d_in) reconstruction."""
         return sparse_decode(code.indices, code.values, self.W_dec) + self.b_dec
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+    def forward(self, x: torch.Tensor, modality: str | None = None) -> torch.Tensor:
+        return self.decode(self.encode(x, modality), modality)
 
-    def training_forward(self, x: torch.Tensor, ctx: TrainContext) -> TrainOutput:
+    def training_forward(self, x: Batch, ctx: TrainContext) -> TrainOutput:
         """Reconstruction, named loss terms and the code, for one training batch."""
         raise NotImplementedError
 
@@ -163,6 +176,73 @@ class SAE(nn.Module):
 
     def extra_repr(self) -> str:
         return f"arch={self.arch}, d_in={self.d_in}, n_latents={self.n_latents}"
+
+
+@dataclass
+class MultimodalConfig(SAEConfig):
+    """An SAE config with the modalities its paired batches hold."""
+
+    modalities: tuple[str, ...] = option(("image", "text"), help="modalities of the paired data this SAE reads")
+    normalize_by_variance: bool = option(True, help="divide each modality's squared error by its variance before summing")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.modalities:
+            raise VlsaeError("a multimodal SAE needs at least one modality, e.g. modalities: [image, text]")
+        if len(set(self.modalities)) != len(self.modalities):
+            raise VlsaeError(f"modalities must be distinct, got {list(self.modalities)}")
+
+
+class MultimodalSAE(SAE):
+    """Base of SAEs that train on paired batches: a dict of modality -> (batch, d_in) rows.
+
+    Subclasses decide how many decoders they keep (one per modality for ``vl``,
+    one for all for ``vl-shared``); what they share is the modality bookkeeping,
+    the per-modality loss and the per-modality input scales.
+    """
+
+    config: MultimodalConfig
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.config.modalities)
+
+    def resolve_modality(self, modality: str | None) -> str:
+        """The modality to use: ``modality`` checked, or the only one when the SAE has one."""
+        if modality is None:
+            if len(self.modalities) == 1:
+                return self.modalities[0]
+            raise VlsaeError(f"{self.arch} SAE reads several modalities; pass modality= one of {list(self.modalities)}")
+        if modality not in self.modalities:
+            raise VlsaeError(f"unknown modality '{modality}'; this SAE has {list(self.modalities)}")
+        return modality
+
+    def check_batch(self, batch: Batch) -> dict[str, torch.Tensor]:
+        if not isinstance(batch, dict):
+            raise VlsaeError(f"{self.arch} SAE trains on paired batches: a dict of modality -> (batch, {self.d_in}) tensor, "
+                             f"with modalities {list(self.modalities)}")
+        unknown = set(batch) - set(self.modalities)
+        if unknown:
+            raise VlsaeError(f"batch has modality '{sorted(unknown)[0]}' that this SAE lacks; it has {list(self.modalities)}")
+        for x in batch.values():
+            self.check_input(x)
+        return batch
+
+    def modality_losses(self, x: torch.Tensor, recon: torch.Tensor, m: str) -> tuple[torch.Tensor, dict[str, float]]:
+        """(loss term, metrics) for one modality: variance-normalised or raw MSE, both reported."""
+        fvu = normalized_mse(x, recon)
+        mse = (x - recon).pow(2).mean()
+        metrics = {f"fvu_{m}": float(fvu.detach()), f"mse_{m}": float(mse.detach())}
+        return (fvu if self.config.normalize_by_variance else mse), metrics
+
+    @torch.no_grad()
+    def fold_input_scales(self, scales: dict[str, float]) -> None:
+        """Trained on ``x_m * scales[m]``; rewrite so each modality takes raw inputs."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        self.fold_input_scales({m: scale for m in self.modalities})
 
 
 def dense_pre_activations(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor | None, b_dec: torch.Tensor,

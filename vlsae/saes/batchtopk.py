@@ -52,7 +52,7 @@ class BatchTopKSAE(LinearEncoderSAE):
         super().__init__(config)
         self.register_buffer("threshold", torch.zeros(()))
 
-    def encode(self, x: torch.Tensor) -> SparseCode:
+    def encode(self, x: torch.Tensor, modality: str | None = None) -> SparseCode:
         """Inference: JumpReLU with the learned global threshold (no batch dependence)."""
         self.check_input(x)
         return threshold_code(self.pre_activations(x), self.threshold)

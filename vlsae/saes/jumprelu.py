@@ -141,7 +141,7 @@ class JumpReLUSAE(LinearEncoderSAE):
             state_dict[prefix + "log_threshold"] = theta.log()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def encode(self, x: torch.Tensor) -> SparseCode:
+    def encode(self, x: torch.Tensor, modality: str | None = None) -> SparseCode:
         self.check_input(x)
         return threshold_code(self.pre_activations(x), self.threshold)
 

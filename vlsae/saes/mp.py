@@ -193,8 +193,9 @@ class MPSAE(SAE):
         return torch.stack(coefs, dim=1), r
 
     # ---------------------------------------------------------- public API
-    def encode(self, x: torch.Tensor, steps: int | None = None) -> SparseCode:
-        """Inference: ``steps`` pursuit steps (default ``k``), or the residual rule if configured."""
+    def encode(self, x: torch.Tensor, modality: str | None = None, steps: int | None = None) -> SparseCode:
+        """Inference: ``steps`` pursuit steps (default ``k``), or the residual rule if configured
+        (``modality`` is ignored: one stream)."""
         self.check_input(x)
         tau = self.config.residual_threshold if steps is None else 0.0
         if steps is None:

@@ -51,7 +51,7 @@ class ReLUSAE(LinearEncoderSAE):
     config_class = ReLUConfig
     config: ReLUConfig
 
-    def encode(self, x: torch.Tensor) -> SparseCode:
+    def encode(self, x: torch.Tensor, modality: str | None = None) -> SparseCode:
         self.check_input(x)
         pre = self.pre_activations(x)
         return threshold_code(pre, pre.new_zeros(()))

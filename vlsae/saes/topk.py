@@ -86,7 +86,7 @@ class TopKSAE(LinearEncoderSAE):
         """(batch, n_latents) -> (batch, k) indices of the active latents."""
         return pre.topk(self.config.k, dim=1, sorted=False).indices
 
-    def encode(self, x: torch.Tensor) -> SparseCode:
+    def encode(self, x: torch.Tensor, modality: str | None = None) -> SparseCode:
         self.check_input(x)
         pre = self.pre_activations(x)
         values, indices = pre.topk(self.config.k, dim=1, sorted=False)

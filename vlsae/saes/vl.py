@@ -38,16 +38,15 @@ from vlsae.config import option
 from vlsae.errors import VlsaeError
 from vlsae.kernels import sparse_decode, sparse_encode
 from vlsae.saes import register_sae
-from vlsae.saes.base import SAE, SAEConfig, TrainContext, TrainOutput, auxk_loss, dense_pre_activations, normalized_mse
+from vlsae.saes.base import (SAE, Batch, MultimodalConfig, MultimodalSAE, TrainContext, TrainOutput, auxk_loss,
+                              dense_pre_activations)
 from vlsae.sparse import SparseCode
 
 
 @dataclass
-class VLConfig(SAEConfig):
-    modalities: tuple[str, ...] = option(("image", "text"), help="modalities, each with its own decoder")
+class VLConfig(MultimodalConfig):
     k: int = option(32, help="active concepts per input (the k nearest concept directions)")
     unit_norm_decoder: bool = option(False, help="keep decoder rows at unit norm (VL-SAE uses free linear decoders)")
-    normalize_by_variance: bool = option(True, help="divide each modality's squared error by its variance before summing")
     eps: float = option(1e-6, help="clamp inside the square root, keeps gradients finite as cos -> 1")
     k_aux: int = option(0, help="dead concepts used by AuxK; 0 means d_in // 2")
     aux_coef: float = option(1 / 32, help="weight of AuxK over the nearest dead directions (0 turns it off)")
@@ -57,10 +56,6 @@ class VLConfig(SAEConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.modalities:
-            raise VlsaeError("a multimodal SAE needs at least one modality, e.g. modalities: [image, text]")
-        if len(set(self.modalities)) != len(self.modalities):
-            raise VlsaeError(f"modalities must be distinct, got {list(self.modalities)}")
         if not 0 < self.k <= self.n_latents:
             raise VlsaeError(f"k must be in 1..n_latents ({self.n_latents}), got {self.k}")
 
@@ -69,8 +64,8 @@ class VLConfig(SAEConfig):
         return self.k_aux or max(self.d_in // 2, 1)
 
 
-class MultimodalSAE(SAE):
-    """Shared machinery: per-modality decoders, paired batches, per-modality losses."""
+class PerModalityDecoderSAE(MultimodalSAE):
+    """A multimodal SAE with one linear decoder (``W_dec.<m>``, ``b_dec.<m>``) per modality."""
 
     config: VLConfig
 
@@ -92,46 +87,13 @@ class MultimodalSAE(SAE):
     def init_decoder_bias(self, center: torch.Tensor | dict[str, torch.Tensor]) -> None:
         """Start each modality's bias at that modality's data centre."""
         if not isinstance(center, dict):
-            center = {m: center for m in self.config.modalities}
+            center = {m: center for m in self.modalities}
         for m, c in center.items():
-            self.b_dec[self._modality(m)].copy_(c.to(self.b_dec[m]))
-
-    def _modality(self, modality: str | None) -> str:
-        if modality is None:
-            if len(self.config.modalities) == 1:
-                return self.config.modalities[0]
-            raise VlsaeError(f"{self.arch} SAE has one decoder per modality; pass modality= one of {list(self.config.modalities)}")
-        if modality not in self.config.modalities:
-            raise VlsaeError(f"unknown modality '{modality}'; this SAE has {list(self.config.modalities)}")
-        return modality
-
-    def check_batch(self, batch: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if not isinstance(batch, dict):
-            raise VlsaeError(f"{self.arch} SAE trains on paired batches: a dict of modality -> (batch, {self.d_in}) tensor, "
-                             f"with modalities {list(self.config.modalities)}")
-        unknown = set(batch) - set(self.config.modalities)
-        if unknown:
-            raise VlsaeError(f"batch has modality '{sorted(unknown)[0]}' that this SAE lacks; it has {list(self.config.modalities)}")
-        for x in batch.values():
-            self.check_input(x)
-        return batch
+            self.b_dec[self.resolve_modality(m)].copy_(c.to(self.b_dec[m]))
 
     def decode(self, code: SparseCode, modality: str | None = None) -> torch.Tensor:
-        m = self._modality(modality)
+        m = self.resolve_modality(modality)
         return sparse_decode(code.indices, code.values, self.W_dec[m]) + self.b_dec[m]
-
-    def forward(self, x: torch.Tensor, modality: str | None = None) -> torch.Tensor:  # type: ignore[override]
-        return self.decode(self.encode(x, modality), modality)
-
-    def encode(self, x: torch.Tensor, modality: str | None = None) -> SparseCode:  # type: ignore[override]
-        raise NotImplementedError
-
-    def modality_losses(self, x: torch.Tensor, recon: torch.Tensor, m: str) -> tuple[torch.Tensor, dict[str, float]]:
-        """(loss term, metrics) for one modality: variance-normalised or raw MSE, both reported."""
-        fvu = normalized_mse(x, recon)
-        mse = (x - recon).pow(2).mean()
-        metrics = {f"fvu_{m}": float(fvu.detach()), f"mse_{m}": float(mse.detach())}
-        return (fvu if self.config.normalize_by_variance else mse), metrics
 
     # decoder-norm handling and scale folding, per modality
     @torch.no_grad()
@@ -149,9 +111,8 @@ class MultimodalSAE(SAE):
 
     @torch.no_grad()
     def fold_input_scales(self, scales: dict[str, float]) -> None:
-        """Trained on ``x_m * scales[m]``; rewrite so each modality takes raw inputs."""
         for m, c in scales.items():
-            m = self._modality(m)
+            m = self.resolve_modality(m)
             self.W_dec[m].div_(c)
             self.b_dec[m].div_(c)
             self._fold_encoder_scale(m, c)
@@ -159,13 +120,9 @@ class MultimodalSAE(SAE):
     def _fold_encoder_scale(self, modality: str, scale: float) -> None:
         """Encoders that are not scale invariant fold the scale here."""
 
-    @torch.no_grad()
-    def fold_input_scale(self, scale: float) -> None:
-        self.fold_input_scales({m: scale for m in self.config.modalities})
-
 
 @register_sae("vl")
-class VLSAE(MultimodalSAE):
+class VLSAE(PerModalityDecoderSAE):
     config_class = VLConfig
 
     def __init__(self, config: VLConfig):
@@ -181,9 +138,9 @@ class VLSAE(MultimodalSAE):
     def unit_inputs(self, x: torch.Tensor, modality: str | None) -> torch.Tensor:
         """The directions the encoder compares: x (or x - b_dec[modality]) normalised."""
         if self.config.center_inputs:
-            x = x - self.b_dec[self._modality(modality)]
+            x = x - self.b_dec[self.resolve_modality(modality)]
         elif modality is not None:
-            self._modality(modality)
+            self.resolve_modality(modality)
         return F.normalize(x, dim=1)
 
     def scores(self, x: torch.Tensor, modality: str | None = None) -> torch.Tensor:
@@ -194,7 +151,7 @@ class VLSAE(MultimodalSAE):
     def _distance_score(self, cos: torch.Tensor) -> torch.Tensor:
         return 2 - torch.sqrt(torch.clamp(2 - 2 * cos, min=self.config.eps))
 
-    def encode(self, x: torch.Tensor, modality: str | None = None) -> SparseCode:  # type: ignore[override]
+    def encode(self, x: torch.Tensor, modality: str | None = None) -> SparseCode:
         """The k nearest concept directions of each row. The encoder is shared; ``modality``
         only selects which decoder bias centres the input (``center_inputs``)."""
         self.check_input(x)
@@ -209,7 +166,7 @@ class VLSAE(MultimodalSAE):
         pick = torch.randint(0, rows.shape[0], (dead_idx.numel(),), device=rows.device)
         self.W_enc[dead_idx] = F.normalize(rows[pick], dim=1) * self.W_enc.norm(dim=1).mean()
 
-    def training_forward(self, x: dict[str, torch.Tensor], ctx: TrainContext) -> TrainOutput:  # type: ignore[override]
+    def training_forward(self, x: Batch, ctx: TrainContext) -> TrainOutput:
         batch = self.check_batch(x)
         cfg = self.config
         dead = ctx.dead_mask
@@ -262,7 +219,7 @@ class _LinearTopKEncoder(nn.Module):
 
 
 @register_sae("vl-split")
-class VLSplitSAE(MultimodalSAE):
+class VLSplitSAE(PerModalityDecoderSAE):
     """One linear ReLU-TopK encoder and one decoder per modality: no concept sharing."""
 
     config_class = VLConfig
@@ -272,14 +229,14 @@ class VLSplitSAE(MultimodalSAE):
         self.enc = nn.ModuleDict({m: _LinearTopKEncoder(config.d_in, config.n_latents, self.W_dec[m] / self.W_dec[m].norm(dim=1, keepdim=True))
                                   for m in config.modalities})
 
-    def encode(self, x: torch.Tensor, modality: str | None = None) -> SparseCode:  # type: ignore[override]
+    def encode(self, x: torch.Tensor, modality: str | None = None) -> SparseCode:
         self.check_input(x)
-        m = self._modality(modality)
+        m = self.resolve_modality(modality)
         with torch.no_grad():
             indices, values = self.enc[m].select(x - self.b_dec[m], self.config.k)
         return SparseCode(values, indices, self.n_latents)
 
-    def training_forward(self, x: dict[str, torch.Tensor], ctx: TrainContext) -> TrainOutput:  # type: ignore[override]
+    def training_forward(self, x: Batch, ctx: TrainContext) -> TrainOutput:
         batch = self.check_batch(x)
         recon, losses, metrics, codes = {}, {}, {}, []
         for m, xm in batch.items():
@@ -298,16 +255,14 @@ class VLSplitSAE(MultimodalSAE):
 
 @register_sae("vl-shared")
 class VLSharedSAE(MultimodalSAE):
-    """One linear ReLU-TopK encoder and one decoder for every modality (a plain SAE on the union)."""
+    """One linear ReLU-TopK encoder and one decoder for every modality (a plain SAE on the union).
+
+    It keeps :class:`SAE`'s single decoder and its norm handling as they are; from
+    :class:`MultimodalSAE` it takes only the paired-batch bookkeeping."""
 
     config_class = VLConfig
+    config: VLConfig
     shared_input_scale = True  # one decoder for all modalities: the trainer scales them alike
-
-    def build_decoder(self) -> None:
-        d, n = self.config.d_in, self.config.n_latents
-        self.W_dec = nn.Parameter(torch.empty(n, d))
-        self.b_dec = nn.Parameter(torch.zeros(d))
-        SAE.reset_decoder(self)
 
     def __init__(self, config: VLConfig):
         super().__init__(config)
@@ -315,14 +270,11 @@ class VLSharedSAE(MultimodalSAE):
         self.b_enc = nn.Parameter(torch.zeros(config.n_latents))
 
     @torch.no_grad()
-    def reset_decoder(self) -> None:
-        SAE.reset_decoder(self)
-
-    @torch.no_grad()
     def init_decoder_bias(self, center: torch.Tensor | dict[str, torch.Tensor]) -> None:
+        """One bias for all modalities: the mean of their centres."""
         if isinstance(center, dict):
             center = torch.stack(list(center.values())).mean(0)
-        self.b_dec.copy_(center.to(self.b_dec))
+        super().init_decoder_bias(center)
 
     def _select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
@@ -330,20 +282,20 @@ class VLSharedSAE(MultimodalSAE):
             indices = pre.topk(self.config.k, dim=1, sorted=False).indices
         return indices, torch.relu(sparse_encode(x - self.b_dec, self.W_enc, self.b_enc, indices))
 
-    def encode(self, x: torch.Tensor, modality: str | None = None) -> SparseCode:  # type: ignore[override]
+    def encode(self, x: torch.Tensor, modality: str | None = None) -> SparseCode:
         self.check_input(x)
         if modality is not None:
-            self._modality(modality)
+            self.resolve_modality(modality)
         with torch.no_grad():
             indices, values = self._select(x)
         return SparseCode(values, indices, self.n_latents)
 
     def decode(self, code: SparseCode, modality: str | None = None) -> torch.Tensor:
         if modality is not None:
-            self._modality(modality)
-        return sparse_decode(code.indices, code.values, self.W_dec) + self.b_dec
+            self.resolve_modality(modality)
+        return super().decode(code, modality)
 
-    def training_forward(self, x: dict[str, torch.Tensor], ctx: TrainContext) -> TrainOutput:  # type: ignore[override]
+    def training_forward(self, x: Batch, ctx: TrainContext) -> TrainOutput:
         batch = self.check_batch(x)
         recon, losses, metrics, codes = {}, {}, {}, []
         for m, xm in batch.items():
@@ -356,17 +308,12 @@ class VLSharedSAE(MultimodalSAE):
         return TrainOutput(recon=recon, losses=losses, code=code, metrics=metrics)
 
     @torch.no_grad()
-    def before_optimizer_step(self) -> None:
-        SAE.before_optimizer_step(self)
-
-    @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        SAE.after_optimizer_step(self)
-
-    @torch.no_grad()
     def fold_input_scales(self, scales: dict[str, float]) -> None:
         values = set(scales.values())
         if len(values) != 1:
             raise VlsaeError("vl-shared has one decoder for every modality, so it needs one input scale for all of them; "
                              "train it with per-modality scaling off")
-        SAE.fold_input_scale(self, values.pop())
+        scale = values.pop()
+        self.W_enc.mul_(scale)
+        self.W_dec.div_(scale)
+        self.b_dec.div_(scale)

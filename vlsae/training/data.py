@@ -14,7 +14,7 @@ from typing import Iterator, Protocol, Union, runtime_checkable
 import numpy as np
 import torch
 
-from vlsae.checkpoint import read_safetensors
+from vlsae.files import read_safetensors
 from vlsae.errors import VlsaeError
 
 Batch = Union[torch.Tensor, dict[str, torch.Tensor]]

@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from vlsae.checkpoint import atomic_write_text
+from vlsae.files import atomic_write_text
 
 METRICS_JSONL = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"

@@ -47,8 +47,8 @@ def _stream_metrics(sae, x: torch.Tensor, modality: str | None, batch_size: int)
     fired = torch.zeros(sae.n_latents, dtype=torch.bool, device=x.device)
     for start in range(0, x.shape[0], batch_size):
         chunk = x[start:start + batch_size]
-        code = sae.encode(chunk, modality) if modality is not None else sae.encode(chunk)
-        recon = sae.decode(code, modality) if modality is not None else sae.decode(code)
+        code = sae.encode(chunk, modality)
+        recon = sae.decode(code, modality)
         sq_err += float((chunk - recon).pow(2).sum())
         l0_sum += float(code.l0().sum())
         shrink_sum += float((recon.norm(dim=1) / chunk.norm(dim=1).clamp_min(1e-12)).sum())

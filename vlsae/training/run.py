@@ -17,7 +17,6 @@ source, or :class:`ResolvedData` (training source + held-out source).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +25,11 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from vlsae.checkpoint import CONFIG, atomic_write_text, read_config
+from vlsae.checkpoint import CONFIG, read_config
 from vlsae.config import apply_overrides, from_dict, load_yaml, option, to_dict
 from vlsae.errors import VlsaeError
-from vlsae.saes import create_sae, get_sae_class, list_archs
+from vlsae.files import atomic_write_text, looks_like_pickle
+from vlsae.saes import create_sae, get_sae_class, is_multimodal_arch, list_archs
 from vlsae.training.config import TrainConfig
 from vlsae.training.data import ActivationSource, open_tensor_file
 from vlsae.training.trainer import CHECKPOINT_DIR, TRAINING_JSON, TrainResult, check_out_dir, train
@@ -139,15 +139,6 @@ def resolve_path_source(spec: DataSpec) -> ResolvedData:
     raise VlsaeError("no training data: give data.path (a tensor file), data.acts (an activation cache) or data.synthetic")
 
 
-def arch_is_multimodal(arch: str) -> bool:
-    """True when the architecture trains on paired dict batches (its config lists modalities by default)."""
-    spec = get_sae_class(arch).config_class.__dataclass_fields__.get("modalities")
-    if spec is None:
-        return False
-    default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default  # type: ignore[misc]
-    return bool(default)
-
-
 def run_training(run: RunConfig, resume: bool = False,
                  resolve_data: Callable[[DataSpec], ActivationSource | ResolvedData] = resolve_path_source) -> TrainResult:
     """Build the SAE from the run config and the data's width, train it, save it to ``run.out``."""
@@ -157,8 +148,8 @@ def run_training(run: RunConfig, resume: bool = False,
     if not isinstance(resolved, ResolvedData):
         resolved = ResolvedData(resolved)
     source, held_out = resolved.train, resolved.held_out
-    if isinstance(source.d_in, dict) and not arch_is_multimodal(run.arch):
-        multi = ", ".join(a for a in list_archs() if arch_is_multimodal(a))
+    if isinstance(source.d_in, dict) and not is_multimodal_arch(run.arch):
+        multi = ", ".join(a for a in list_archs() if is_multimodal_arch(a))
         raise VlsaeError(f"the data is paired ({', '.join(source.d_in)}) but '{run.arch}' is a single-stream SAE; "
                          f"train on one modality (--modality {next(iter(source.d_in))}) or use a multimodal "
                          f"architecture ({multi})")
@@ -214,10 +205,9 @@ def _weights_header(path: Path) -> tuple[int, int]:
     one-line errors for a missing, pickled or truncated file."""
     from safetensors import SafetensorError, safe_open
 
-    from vlsae.checkpoint import _looks_like_pickle
     if not path.is_file():
         raise VlsaeError(f"{path.parent} has {CONFIG} but no {path.name}; the checkpoint is incomplete")
-    if _looks_like_pickle(path):
+    if looks_like_pickle(path):
         raise VlsaeError(f"{path} is a pickle/torch.save file; vlsae only loads safetensors")
     try:
         with safe_open(str(path), "pt") as handle:

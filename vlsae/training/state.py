@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlsae.checkpoint import atomic_save_tensors, atomic_write_text, read_safetensors
+from vlsae.files import atomic_save_tensors, atomic_write_text, read_safetensors
 from vlsae.errors import VlsaeError
 
 STATE_TENSORS = "state.safetensors"

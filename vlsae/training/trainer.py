@@ -42,8 +42,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlsae.checkpoint import CONFIG, WEIGHTS, atomic_write_text, read_config, read_safetensors, replace_dir, save_sae
+from vlsae.checkpoint import CONFIG, WEIGHTS, read_config, save_sae
+from vlsae.files import atomic_write_text, read_safetensors, replace_dir
 from vlsae.config import to_dict
+from vlsae.devices import resolve_device
 from vlsae.errors import VlsaeError
 from vlsae.saes.base import SAE, TrainContext, TrainOutput, normalized_mse
 from vlsae.sparse import SparseCode
@@ -70,17 +72,6 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------ checks
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise VlsaeError(f"device '{name}' requested but no CUDA device is available; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise VlsaeError(f"unknown device '{name}'; use auto, cpu or cuda") from None
-
-
 @functools.lru_cache(maxsize=1)
 def cpu_has_bf16_matmul() -> bool:
     """True when /proc/cpuinfo lists AMX-BF16 or AVX512-BF16 (there a bf16 matmul
@@ -103,27 +94,23 @@ def resolve_selection_dtype(name: str, device: torch.device) -> torch.dtype | No
     return None
 
 
-def is_multimodal(sae: SAE) -> bool:
-    return bool(getattr(sae.config, "modalities", ()))
-
-
 def check_compatible(sae: SAE, source: ActivationSource, what: str = "the data") -> None:
     """One-line errors when the data cannot feed this SAE."""
     if len(source) == 0:
         raise VlsaeError(f"the dataset is empty: {what} has no rows to train on")
     widths = source.d_in
     if isinstance(widths, dict):
-        if not is_multimodal(sae):
+        if not sae.modalities:
             raise VlsaeError(f"{what} is paired ({', '.join(widths)}) but '{sae.arch}' is a single-stream SAE; "
                              "use a multimodal architecture (vl, vl-split, vl-shared) or select one modality")
         for m, w in widths.items():
-            if m not in sae.config.modalities:
-                raise VlsaeError(f"{what} has modality '{m}' but the SAE has {list(sae.config.modalities)}")
+            if m not in sae.modalities:
+                raise VlsaeError(f"{what} has modality '{m}' but the SAE has {list(sae.modalities)}")
             if w != sae.d_in:
                 raise VlsaeError(f"modality '{m}' of {what} has width {w} but the SAE expects d_in={sae.d_in}")
     else:
-        if is_multimodal(sae):
-            raise VlsaeError(f"'{sae.arch}' trains on paired data (modalities {list(sae.config.modalities)}), "
+        if sae.modalities:
+            raise VlsaeError(f"'{sae.arch}' trains on paired data (modalities {list(sae.modalities)}), "
                              f"but {what} is a single tensor; give paired data (e.g. an activation cache with image and text)")
         if widths != sae.d_in:
             raise VlsaeError(f"{what} has width {widths} but the SAE expects d_in={sae.d_in}; build the SAE with d_in={widths}")
@@ -221,7 +208,7 @@ def data_center(x: torch.Tensor, how: str) -> torch.Tensor:
 
 def _fold(sae: SAE, scales: float | dict[str, float]) -> None:
     if isinstance(scales, dict):
-        sae.fold_input_scales(scales)  # type: ignore[attr-defined]  (checked before training)
+        sae.fold_input_scales(scales)  # type: ignore[attr-defined]  (paired data: a MultimodalSAE, checked first)
     else:
         sae.fold_input_scale(scales)
 
@@ -269,9 +256,6 @@ def train(sae: SAE, source: ActivationSource, config: TrainConfig | None = None,
     if eval_source is not None:
         check_compatible(sae, eval_source, what="the held-out data")
     check_out_dir(out, resume)
-    if isinstance(source.d_in, dict) and config.normalize_input and not hasattr(sae, "fold_input_scales"):
-        raise VlsaeError(f"'{sae.arch}' cannot fold per-modality input scales (no fold_input_scales); "
-                         "train it with train.normalize_input=false")
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2 ** 32)
