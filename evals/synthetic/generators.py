@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 
 from vlsae.errors import VlsaeError
+from vlsae.registry import Registry
 
 Tensorish = torch.Tensor | dict[str, torch.Tensor]
 
@@ -62,32 +63,22 @@ class PlantedData:
 
 
 # ------------------------------------------------------------------ registry
-_SUITES: dict[str, Callable[..., PlantedData]] = {}
-_PRESETS: dict[str, tuple[str, ...]] = {}
+SUITES: Registry[Callable[..., PlantedData]] = Registry("synthetic suite", name_attr="suite_name")
 
 
 def _suite(name: str, presets: tuple[str, ...]) -> Callable:
-    def wrap(fn: Callable[..., PlantedData]) -> Callable[..., PlantedData]:
-        _SUITES[name] = fn
-        _PRESETS[name] = presets
-        return fn
-    return wrap
+    """Register a generator under ``name`` with its presets (the first is the default)."""
+    return SUITES.register(name, presets=presets)
 
 
 def list_suites() -> list[str]:
     """Names of the planted-feature suites, sorted."""
-    return sorted(_SUITES)
+    return SUITES.names()
 
 
 def list_presets(suite: str) -> tuple[str, ...]:
     """The presets of one suite; the first is its default."""
-    _check_suite(suite)
-    return _PRESETS[suite]
-
-
-def _check_suite(suite: str) -> None:
-    if suite not in _SUITES:
-        raise VlsaeError(f"unknown synthetic suite '{suite}'; choose one of: {', '.join(list_suites())}")
+    return SUITES.get(suite).presets  # type: ignore[attr-defined]
 
 
 def generate(suite: str, *, seed: int = 0, n_train: int = 50_000, n_test: int = 10_000,
@@ -98,8 +89,8 @@ def generate(suite: str, *, seed: int = 0, n_train: int = 50_000, n_test: int = 
     noise: standard deviation sigma of the added noise ``sigma * N(0, I/d)``;
     options: suite-specific settings (see each generator's docstring); unknown ones are errors.
     """
-    _check_suite(suite)
-    presets = _PRESETS[suite]
+    generator = SUITES.get(suite)
+    presets = list_presets(suite)
     preset = presets[0] if preset is None else str(preset)
     if preset not in presets:
         raise VlsaeError(f"unknown preset '{preset}' for suite '{suite}'; choose one of: {', '.join(presets)}")
@@ -109,7 +100,7 @@ def generate(suite: str, *, seed: int = 0, n_train: int = 50_000, n_test: int = 
         raise VlsaeError(f"noise must be >= 0, got {noise}")
     gen = torch.Generator().manual_seed(int(seed))
     try:
-        data = _SUITES[suite](gen, n_train=n_train, n_test=n_test, preset=preset, noise=float(noise), **options)
+        data = generator(gen, n_train=n_train, n_test=n_test, preset=preset, noise=float(noise), **options)
     except TypeError as exc:
         if "unexpected keyword" in str(exc):
             bad = str(exc).split("'")[1] if "'" in str(exc) else str(exc)

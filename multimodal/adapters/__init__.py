@@ -19,67 +19,45 @@ lazily, inside the class, so listing the registry stays cheap.
 from __future__ import annotations
 
 import difflib
-import importlib
-import pkgutil
 from typing import Any, Callable
 
-from vlsae.errors import VlsaeError
-
 from vlsae.devices import resolve_device
+from vlsae.errors import VlsaeError
+from vlsae.registry import Registry
 
 from multimodal.adapters.base import TOKEN_MODES, Adapter, Extracted, resolve_dtype
 
-_REGISTRY: dict[str, type[Adapter]] = {}
-_IMPORTED = False
+ADAPTERS: Registry[type[Adapter]] = Registry("model adapter", packages=[__name__], name_attr="registry_name")
 
 
 def register_adapter(name: str) -> Callable[[type[Adapter]], type[Adapter]]:
     """Class decorator: make an adapter buildable from specs ``name`` or ``name:REST``."""
-    def wrap(cls: type[Adapter]) -> type[Adapter]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"model adapter '{name}' registered twice")
-        cls.registry_name = name
-        _REGISTRY[name] = cls
-        return cls
-    return wrap
-
-
-def _import_all() -> None:
-    global _IMPORTED
-    if _IMPORTED:
-        return
-    _IMPORTED = True
-    for module in pkgutil.iter_modules(__path__):
-        if module.name != "base":
-            importlib.import_module(f"{__name__}.{module.name}")
+    return ADAPTERS.register(name)
 
 
 def list_adapters() -> list[str]:
     """Registered adapter names (spec prefixes and bare names), sorted."""
-    _import_all()
-    return sorted(_REGISTRY)
+    return ADAPTERS.names()
 
 
 def adapter_usage() -> dict[str, str]:
     """name -> spec syntax with a one-line description, for help texts and errors."""
-    _import_all()
-    return {name: f"{cls.usage}  ({cls.summary})" for name, cls in sorted(_REGISTRY.items())}
+    return {name: f"{cls.usage}  ({cls.summary})" for name, cls in ADAPTERS.items()}
 
 
 def get_adapter_class(spec: str) -> tuple[type[Adapter], str]:
     """The adapter class a spec names and the rest of the spec after its prefix."""
-    _import_all()
+    usages = "; ".join(cls.usage for _, cls in ADAPTERS.items())
     if not isinstance(spec, str) or not spec.strip():
-        raise VlsaeError(f"empty model spec; use one of: {', '.join(cls.usage for cls in _REGISTRY.values())}")
+        raise VlsaeError(f"empty model spec; use one of: {usages}")
     spec = spec.strip()
-    if spec in _REGISTRY:
-        return _REGISTRY[spec], ""
+    if spec in ADAPTERS:
+        return ADAPTERS.get(spec), ""
     prefix, sep, rest = spec.partition(":")
-    if sep and prefix in _REGISTRY:
-        return _REGISTRY[prefix], rest
-    match = difflib.get_close_matches(prefix, list(_REGISTRY), n=1)
+    if sep and prefix in ADAPTERS:
+        return ADAPTERS.get(prefix), rest
+    match = difflib.get_close_matches(prefix, ADAPTERS.names(), n=1)
     hint = f"did you mean '{match[0]}'? " if match else ""
-    usages = "; ".join(cls.usage for _, cls in sorted(_REGISTRY.items()))
     raise VlsaeError(f"unknown model spec '{spec}': {hint}valid forms: {usages}")
 
 
@@ -96,5 +74,5 @@ def create_adapter(spec: str, device: str = "auto", dtype: str = "fp32", **optio
     return adapter
 
 
-__all__ = ["Adapter", "Extracted", "TOKEN_MODES", "register_adapter", "create_adapter", "list_adapters",
+__all__ = ["ADAPTERS", "Adapter", "Extracted", "TOKEN_MODES", "register_adapter", "create_adapter", "list_adapters",
            "adapter_usage", "get_adapter_class", "resolve_device", "resolve_dtype"]

@@ -39,20 +39,6 @@ TOKEN_MODES = ("cls", "patch", "all", "mean")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@contextlib.contextmanager
-def quiet_root_logging(level: int):
-    """Mute root-logger records at ``level`` and below (open_clip logs through the root logger: a
-    warning for random weights, errors for missing ones, which vlsae reports in its own words)."""
-    import logging
-
-    previous = logging.root.manager.disable
-    logging.disable(level)
-    try:
-        yield
-    finally:
-        logging.disable(previous)
-
-
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """"fp32" | "bf16" | "fp16" (or a torch dtype among those) -> torch dtype."""
     if isinstance(dtype, torch.dtype):

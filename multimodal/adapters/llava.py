@@ -48,7 +48,6 @@ Combine one point per modality with a comma: ``vision.layers.1,layers.2``.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -62,6 +61,7 @@ from vlsae.errors import VlsaeError
 
 from multimodal.adapters import register_adapter
 from multimodal.adapters.base import Adapter, BlockCapture, Extracted, Prepared, pair_fields, select_tokens, to_rgb
+from multimodal.quiet import quiet_transformers
 
 DEFAULT_PROMPT = "{image}\n{caption}"
 PROMPTS_FILE = "vlsae_prompts.json"
@@ -70,21 +70,6 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() not in ("0", "", "false", "no")
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """No per-file progress bars from transformers' loading and saving (one line of output per call
-    would interleave with vlsae's own); restored afterwards."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -49,8 +49,8 @@ from torch import Tensor
 from vlsae.errors import VlsaeError
 
 from multimodal.adapters import register_adapter
-from multimodal.adapters.base import (Adapter, BlockCapture, Extracted, Prepared, pair_fields, quiet_root_logging,
-                                      select_tokens, stack_images)
+from multimodal.adapters.base import Adapter, BlockCapture, Extracted, Prepared, pair_fields, select_tokens, stack_images
+from multimodal.quiet import quiet_root_logging
 
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt"}
 _WEIGHT_SUFFIXES = {".safetensors", ".npz", ".npy"} | _PICKLE_SUFFIXES

@@ -21,11 +21,8 @@ trained on first use into the cache.
 from __future__ import annotations
 
 import contextlib
-import difflib
-import importlib
 import json
 import os
-import pkgutil
 import shutil
 import sys
 import tempfile
@@ -35,10 +32,9 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from vlsae.errors import VlsaeError
+from vlsae.registry import Registry
 
 REPORT = "training.json"
-_REGISTRY: dict[str, type["ZooModel"]] = {}
-_IMPORTED = False
 
 
 class ZooModel:
@@ -112,39 +108,21 @@ def training_bar(total: int, desc: str, progress: bool):
     return tqdm(total=total, desc=desc, unit="step", leave=False, disable=None)
 
 
+ZOO: Registry[type[ZooModel]] = Registry("zoo model", packages=[__name__], skip=("shipped",))
+
+
 def register_zoo_model(name: str) -> Callable[[type[ZooModel]], type[ZooModel]]:
     """Class decorator: make a zoo model trainable and loadable by ``name``."""
-    def wrap(cls: type[ZooModel]) -> type[ZooModel]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"zoo model '{name}' registered twice")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-    return wrap
-
-
-def _import_all() -> None:
-    global _IMPORTED
-    if _IMPORTED:
-        return
-    _IMPORTED = True
-    for module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{module.name}")
+    return ZOO.register(name)
 
 
 def list_models() -> list[str]:
     """Names of every zoo model, sorted."""
-    _import_all()
-    return sorted(_REGISTRY)
+    return ZOO.names()
 
 
 def get_zoo_class(name: str) -> type[ZooModel]:
-    _import_all()
-    if name not in _REGISTRY:
-        match = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-        hint = f"did you mean '{match[0]}'? " if match else ""
-        raise VlsaeError(f"unknown zoo model '{name}': {hint}available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    return ZOO.get(name)
 
 
 def cache_root() -> Path:
@@ -399,5 +377,5 @@ def evaluate_model(name: str, folder: str | Path | None = None, device: Any = "c
     return cls.evaluate(path, device=device)
 
 
-__all__ = ["ZooModel", "register_zoo_model", "list_models", "get_zoo_class", "cache_root", "zoo_dir", "model_dir",
+__all__ = ["ZOO", "ZooModel", "register_zoo_model", "list_models", "get_zoo_class", "cache_root", "zoo_dir", "model_dir",
            "is_trained", "is_shipped", "cache_differs_from_shipped", "shipped_dir", "resolve_model_dir", "ship_model", "train_model", "load_model", "evaluate_model", "read_report", "TrainReport"]

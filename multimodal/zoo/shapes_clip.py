@@ -36,6 +36,8 @@ from torch import Tensor
 from vlsae.config import from_dict, option, to_dict
 from vlsae.errors import VlsaeError
 
+from multimodal.quiet import quiet_root_logging
+
 from multimodal.zoo import REPORT, ZooModel, register_zoo_model, training_bar, training_world
 
 ARCH = "shapes-clip"
@@ -335,7 +337,6 @@ def create_untrained(arch: str):
 
     import open_clip
 
-    from multimodal.adapters.base import quiet_root_logging
 
     with quiet_root_logging(logging.WARNING):
         return open_clip.create_model(arch)

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from vlsae.config import from_dict, option
 from vlsae.errors import VlsaeError
 
+from multimodal.quiet import quiet_root_logging
+
 from multimodal.zoo import register_zoo_model, training_bar, training_world
 from multimodal.zoo import shapes_clip as base
 
@@ -159,7 +161,6 @@ def _quiet_loading():
     """open_clip and transformers log a load report for MiniLM (its unused BERT pooler); keep the console clean."""
     from transformers.utils import logging as hf_logging
 
-    from multimodal.adapters.base import quiet_root_logging
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()

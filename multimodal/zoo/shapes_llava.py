@@ -52,6 +52,8 @@ from torch import Tensor
 from vlsae.config import from_dict, option, to_dict
 from vlsae.errors import VlsaeError
 
+from multimodal.quiet import quiet_transformers
+
 from multimodal.zoo import REPORT, ZooModel, register_zoo_model, training_bar, training_world
 
 NAME = "shapes-llava"
@@ -458,7 +460,6 @@ def train_shapes_llava(out_dir: Path, cfg: ShapesLlavaConfig, progress: bool = T
     """Train into ``out_dir``; returns the report (settings, loss curves, evaluation)."""
     import transformers
 
-    from multimodal.adapters.llava import quiet_transformers
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -687,7 +688,6 @@ class ShapesLlava(ZooModel):
     def load(cls, folder: Path, device: Any = "cpu") -> LoadedLlava:
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-        from multimodal.adapters.llava import quiet_transformers
 
         folder = cls.require_files(folder)
         # dtype: a shipped copy stores fp16 weights; the model runs in fp32

@@ -38,7 +38,7 @@ from vlsae.config import option
 from vlsae.errors import VlsaeError
 from vlsae.kernels import sparse_decode, sparse_encode
 from vlsae.saes import register_sae
-from vlsae.saes.base import (SAE, Batch, MultimodalConfig, MultimodalSAE, TrainContext, TrainOutput, auxk_loss,
+from vlsae.saes.base import (Batch, MultimodalConfig, MultimodalSAE, TrainContext, TrainOutput, auxk_loss,
                               dense_pre_activations)
 from vlsae.sparse import SparseCode
 
