@@ -28,7 +28,6 @@ def _step(name: str, progress: bool) -> float:
 
 def _train_or_reuse(out: Path, arch: str, sae: dict[str, Any], data: dict[str, Any], steps: int, batch_size: int,
                     progress: bool) -> dict[str, Any]:
-    from vlsae.cli.sources import resolve_data
     from vlsae.training.run import load_run_config, run_training
     if (out / "training.json").exists():
         return json.loads((out / "training.json").read_text())["summary"]
@@ -37,7 +36,7 @@ def _train_or_reuse(out: Path, arch: str, sae: dict[str, Any], data: dict[str, A
                                       "train": {"steps": steps, "batch_size": batch_size, "lr": 2e-3,
                                                 "checkpoint_every": max(1, steps // 4), "progress": progress,
                                                 "eval_rows": 2048}})
-    return run_training(run, resume=resume, resolve_data=resolve_data).summary
+    return run_training(run, resume=resume).summary
 
 
 def run_demo(out: str | Path = "runs/demo", pairs: int = 4000, steps: int = 1500, synth: bool = True,

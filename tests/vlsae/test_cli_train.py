@@ -149,11 +149,10 @@ def test_info_errors_are_one_line(tmp_path, acts, capsys):
 
 def test_synthetic_config_runs_on_held_out_rows(tmp_path):
     pytest.importorskip("evals.synthetic")
-    from vlsae.cli.sources import resolve_data
     from vlsae.training.run import run_training
     run = load_run_config(REPO / "configs" / "synth-topk.yaml",
                           ["train.steps=50", "train.progress=false", "out=null", "data.n_train=2000", "data.n_test=500"])
-    result = run_training(run, resolve_data=resolve_data)
+    result = run_training(run)
     assert result.summary["l0"] <= 2.0 + 1e-6 and result.summary["d_in"] == 20
     assert result.summary["eval_split"] == "held-out" and result.summary["eval_rows"] == 500
 

@@ -51,7 +51,6 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlsae.cli.sources import resolve_data
     from vlsae.training.run import load_run_config, run_training, saved_run_config
     from vlsae.training.trainer import check_out_dir
 
@@ -66,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.config is None and not (args.data or args.acts or args.synthetic):
         raise VlsaeError("no training data: pass --config FILE, --data FILE, --acts DIR or --synthetic SUITE")
     run_config = load_run_config(args.config, overrides=[*_flag_overrides(args), *args.set], base=base)
-    result = run_training(run_config, resume=args.resume, resolve_data=resolve_data)
+    result = run_training(run_config, resume=args.resume)
     s = result.summary
     print(f"fvu {s['fvu']:.4f}  l0 {s['l0']:.2f}  dead {s['dead_fraction']:.3f}  ({s['eval_split']}, {s['eval_rows']} rows)")
     if result.out_dir is not None:

@@ -10,17 +10,15 @@
 
 ``vlsae train --set sae.k=16`` overrides any key. The run config is saved as
 ``run.yaml`` in the run folder, so ``vlsae train --out runs/a --resume`` needs
-nothing else. Only ``path`` data is resolved here; the CLI resolves synthetic
-suites and activation caches (which live in ``evals`` and ``multimodal``) and
-passes the resolver in, keeping this package free of them. A resolver returns a
-source, or :class:`ResolvedData` (training source + held-out source).
+nothing else. The ``data`` section is turned into activations by the data-source
+registry (:mod:`vlsae.training.sources`), the same way for every caller.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import yaml
@@ -31,41 +29,10 @@ from vlsae.errors import VlsaeError
 from vlsae.files import atomic_write_text, looks_like_pickle
 from vlsae.saes import create_sae, get_sae_class, is_multimodal_arch, list_archs
 from vlsae.training.config import TrainConfig
-from vlsae.training.data import ActivationSource, open_tensor_file
+from vlsae.training.sources import DataSpec, resolve_data
 from vlsae.training.trainer import CHECKPOINT_DIR, TRAINING_JSON, TrainResult, check_out_dir, train
 
 RUN_YAML = "run.yaml"
-
-
-@dataclass
-class DataSpec:
-    path: str | None = option(None, help="a .safetensors or .npy tensor file (one tensor, or tensors named by modality)")
-    acts: str | None = option(None, help="an activation cache folder written by `vlsae extract`")
-    modality: str | None = option(None, help="train on one modality of paired data (e.g. image) with a single-stream SAE")
-    synthetic: str | None = option(None, help="a planted-feature suite: independent, hierarchical, bidirectional, multimodal")
-    preset: str | None = option(None, help="preset of the synthetic suite")
-    n_train: int = option(50_000, help="rows drawn from the synthetic suite")
-    n_test: int = option(5000, help="held-out rows drawn from the synthetic suite for the final metrics")
-    seed: int = option(0, help="seed of the synthetic suite")
-    noise: float = option(0.0, help="noise sigma of the synthetic suite")
-    options: dict = option(factory=dict, help="extra options of the synthetic suite, e.g. {correlation: 0.3}")
-    held_out: float = option(0.05, help="fraction of a tensor file's rows (its tail) held out for the final metrics; 0: none")
-
-    def __post_init__(self) -> None:
-        given = [name for name in ("path", "acts", "synthetic") if getattr(self, name)]
-        if len(given) > 1:
-            raise VlsaeError(f"data has both '{given[0]}' and '{given[1]}'; give exactly one source")
-        if not 0 <= self.held_out < 1:
-            raise VlsaeError(f"data.held_out must be in [0, 1), got {self.held_out}")
-
-
-@dataclass
-class ResolvedData:
-    """What a data resolver returns: the training source and, if any, held-out rows."""
-
-    train: ActivationSource
-    held_out: ActivationSource | None = None
-    hook: str = ""  # where the activations came from (e.g. "shapes-clip final cls"), recorded as sae.hook
 
 
 @dataclass
@@ -131,22 +98,11 @@ def saved_run_config(out: str | Path) -> dict[str, Any] | None:
     return load_yaml(path) if path.is_file() else None
 
 
-def resolve_path_source(spec: DataSpec) -> ResolvedData:
-    """A tensor file, split into training rows and a held-out tail (``data.held_out``)."""
-    if spec.path:
-        train_rows, held = open_tensor_file(spec.path).split(spec.held_out)
-        return ResolvedData(train_rows, held)
-    raise VlsaeError("no training data: give data.path (a tensor file), data.acts (an activation cache) or data.synthetic")
-
-
-def run_training(run: RunConfig, resume: bool = False,
-                 resolve_data: Callable[[DataSpec], ActivationSource | ResolvedData] = resolve_path_source) -> TrainResult:
+def run_training(run: RunConfig, resume: bool = False) -> TrainResult:
     """Build the SAE from the run config and the data's width, train it, save it to ``run.out``."""
     out = Path(run.out) if run.out else None
     check_out_dir(out, resume)  # before any data is read or run.yaml written
     resolved = resolve_data(run.data)
-    if not isinstance(resolved, ResolvedData):
-        resolved = ResolvedData(resolved)
     source, held_out = resolved.train, resolved.held_out
     if isinstance(source.d_in, dict) and not is_multimodal_arch(run.arch):
         multi = ", ".join(a for a in list_archs() if is_multimodal_arch(a))
