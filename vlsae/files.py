@@ -105,38 +105,45 @@ def read_safetensors(path: str | Path, what: str = "weights") -> dict[str, torch
         raise VlsaeError(f"{what} file {path} is corrupt or truncated ({str(exc).splitlines()[0]}); re-create it or restore a copy") from None
 
 
-def check_writable_dir(path: str | Path, flag: str = "--out") -> Path:
-    """Fail now, in one line, if ``path`` cannot become a folder vlsae writes into.
-
-    Creates nothing: walks up to the first existing ancestor and checks that it
-    is a folder this process may create entries in (or, for an existing
-    ``path``, that ``path`` itself is a writable folder). The probe is a real
-    temporary file, because permission bits lie on read-only mounts and /proc.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise VlsaeError(f"{flag} {path} is a file; give a folder")
+def _creatable_in(path: Path) -> tuple[Path, str | None]:
+    """(first existing ancestor of ``path``, why nothing can be created there or None)."""
     probe_dir = path
-    while not probe_dir.exists():
-        if probe_dir.parent == probe_dir:
-            break
+    while not probe_dir.exists() and probe_dir.parent != probe_dir:
         probe_dir = probe_dir.parent
     if not probe_dir.is_dir():
-        raise VlsaeError(f"{flag} {path}: {probe_dir} is a file, so the folder cannot be created; pick another {flag}")
+        return probe_dir, "a file is in the way"
     try:
         fd, tmp = tempfile.mkstemp(dir=probe_dir, prefix=".vlsae-write-check.")
         os.close(fd)
         os.unlink(tmp)
     except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise VlsaeError(f"{flag} {path} is not writable ({probe_dir}: {reason}); pick a folder you can write to") from None
+        return probe_dir, exc.strerror or type(exc).__name__
+    return probe_dir, None
+
+
+def check_writable_dir(path: str | Path, flag: str = "--out") -> Path:
+    """Fail now, in one line, if ``path`` cannot become a folder vlsae writes into.
+
+    Creates nothing: finds the first existing ancestor and checks that this
+    process may create entries in it (for an existing ``path``, in ``path``
+    itself). The probe is a real temporary file, because permission bits lie on
+    read-only mounts and in /proc.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise VlsaeError(f"{flag} {path} is a file; give a folder")
+    where, reason = _creatable_in(path)
+    if reason:
+        raise VlsaeError(f"{flag} {path} is not writable ({where}: {reason}); pick a folder you can write to")
     return path
 
 
 def check_writable_file(path: str | Path, flag: str = "--out") -> Path:
-    """As :func:`check_writable_dir`, for an output file: its folder must be writable and it must not be a folder."""
+    """As :func:`check_writable_dir`, for an output file: not a folder, and its folder writable."""
     path = Path(path)
     if path.is_dir():
         raise VlsaeError(f"{flag} {path} is a folder; give a file name")
-    check_writable_dir(path.parent if str(path.parent) else Path("."), flag=flag)
+    where, reason = _creatable_in(path.parent)
+    if reason:
+        raise VlsaeError(f"{flag} {path} is not writable ({where}: {reason}); pick a folder you can write to")
     return path

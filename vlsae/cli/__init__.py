@@ -25,6 +25,7 @@ VERBS: dict[str, str] = {
     "zoo": "zoo",
     "extract": "extract",
     "concepts": "concepts",
+    "eval": "eval",
 }
 
 

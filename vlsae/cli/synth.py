@@ -3,13 +3,15 @@
 Trains each architecture on one synthetic suite with known ground truth (equal
 width, equal L0 target), scores recovery, absorption, splitting and
 cross-modal agreement, prints the table and optionally writes the rows as JSON.
-All the work is :func:`evals.synthetic.leaderboard.run_suite`.
+All the work is the ``synth`` task (:mod:`evals.tasks.synth`).
 """
 from __future__ import annotations
 
 import argparse
 
 from evals.synthetic.generators import list_suites
+from evals.tasks import run_task
+from evals.tasks.synth import SynthConfig, SynthTask
 from vlsae.config import parse_key_values
 from vlsae.errors import VlsaeError
 
@@ -57,17 +59,17 @@ def _sae_options(items: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evals.synthetic.leaderboard import run_suite
-
     archs = [a.strip() for a in args.archs.split(",") if a.strip()] if args.archs else None
     if args.archs is not None and not archs:
         raise VlsaeError("--archs is empty; give names like topk,relu or leave it out")
-    run_suite(args.suite, archs, n_latents=args.latents, k=args.k, steps=args.steps, seed=args.seed,
-              seeds=args.seeds, preset=args.preset, n_train=args.n_train, n_test=args.n_test, noise=args.noise,
-              batch_size=args.batch_size, lr=args.lr, device=args.device, options=parse_key_values(args.option),
-              arch_options=_sae_options(args.sae_option),
-              train_options=parse_key_values(args.train_option, "--train-option", "b_dec_init=zeros"),
-              out=args.out, overwrite=args.overwrite)
-    if args.out:
-        print(f"wrote {args.out}")
+    config = SynthConfig(suite=args.suite, preset=args.preset, archs=archs, latents=args.latents, k=args.k,
+                         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, seeds=args.seeds,
+                         noise=args.noise, n_train=args.n_train, n_test=args.n_test,
+                         options=parse_key_values(args.option, "--option", "correlation=0.3"),
+                         sae_options=_sae_options(args.sae_option),
+                         train_options=parse_key_values(args.train_option, "--train-option", "b_dec_init=zeros"),
+                         device=args.device, out=args.out, overwrite=args.overwrite)
+    result = run_task("synth", config)
+    for line in SynthTask.describe(result):
+        print(line)
     return 0
