@@ -12,8 +12,13 @@ from vlsae.errors import VlsaeError
 
 from multimodal import zoo
 from multimodal.adapters import create_adapter
-from multimodal.zoo.shapes_diffusion import (clip_tokenizer, encode_prompts, eval_prompts, generate, object_mask,
-                                             pixel_colours)
+from multimodal.generation import encode_pooled_prompts, encode_prompts, generate, tokenize
+from multimodal.judges import EVAL_OFFSET, pixel_colours, train_cnn_judge
+from multimodal.zoo.shapes_diffusion import ShapesDiffusion
+from multimodal.zoo.shapes_diffusion.build import clip_tokenizer, shapes_clip_text_encoder
+from multimodal.zoo.shapes_diffusion.config import TRAIN_WORLD, render, world_config
+from multimodal.zoo.shapes_diffusion.evaluation import eval_prompts
+from multimodal.zoo.shapes_diffusion.recipe import object_mask
 
 CAPTIONS = ["a red circle", "a photo of a big blue square in the top left", "a green plus sign"]
 TINY = {"n_train": 64, "vae_steps": 2, "vae_batch_size": 8, "steps": 3, "batch_size": 8, "warmup": 1,
@@ -165,6 +170,30 @@ def test_sdxl_two_encoders_prefixed_and_prompt_embeds(sdxl_folder):
         adapter.extract(_pairs(), hook="text_encoder_2.projection", tokens="mean")
     with pytest.raises(VlsaeError, match="two points for the text modality"):
         adapter.parse_hook("text_encoder.blocks.0,text_encoder_2.blocks.0")
+
+
+def test_generation_helpers_work_on_an_sdxl_pipeline(sdxl_folder, sd_folder):
+    """encode_prompts calls encode_prompt by keyword (SDXL's second positional argument is prompt_2), and an
+    SDXL pipeline generates from edited embeddings only with the pooled ones beside them."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(sdxl_folder), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    positive, negative = encode_prompts(pipe, CAPTIONS[:2])
+    pooled, negative_pooled = encode_pooled_prompts(pipe, CAPTIONS[:2])
+    assert positive.shape == (2, 24, 80) and negative.shape == positive.shape and pooled.shape == (2, 12)
+    a = generate(pipe, CAPTIONS[:2], seed=1, steps=2)
+    assert a.dtype == torch.uint8 and a.shape == (2, 3, 16, 16)
+    b = generate(pipe, prompt_embeds=positive, negative_prompt_embeds=negative, pooled_prompt_embeds=pooled,
+                 negative_pooled_prompt_embeds=negative_pooled, seed=1, steps=2)
+    torch.testing.assert_close(b.float(), a.float(), atol=1, rtol=0)
+    with pytest.raises(VlsaeError, match="needs pooled_prompt_embeds"):
+        generate(pipe, prompt_embeds=positive, negative_prompt_embeds=negative)
+    unguided, none = encode_prompts(pipe, CAPTIONS[:1], guidance_scale=1.0)
+    assert none is None and unguided.shape == (1, 24, 80)
+    sd = StableDiffusionPipeline.from_pretrained(str(sd_folder), local_files_only=True)
+    with pytest.raises(VlsaeError, match="no pooled prompt embeddings"):
+        encode_pooled_prompts(sd, CAPTIONS[:1])
 
 
 def test_from_pipeline_hooks_the_pipelines_own_modules(sd_folder):
@@ -323,8 +352,6 @@ def tiny_clip(tmp_path_factory):
 
 def test_shapes_clip_text_tower_converts_exactly(tiny_clip):
     """The converted CLIPTextModel is open_clip's text tower: same pooled embedding after the projection."""
-    from multimodal.zoo.shapes_diffusion import shapes_clip_text_encoder, tokenize
-
     loaded = zoo.load_model("shapes-clip", folder=tiny_clip.path)
     encoder, tokenizer, source = shapes_clip_text_encoder(str(tiny_clip.path))
     assert source == str(tiny_clip.path) and tokenizer.model_max_length == 48
@@ -335,8 +362,6 @@ def test_shapes_clip_text_tower_converts_exactly(tiny_clip):
 
 
 def test_training_on_the_frozen_shapes_clip_text_encoder(tiny_clip, tmp_path):
-    from multimodal.zoo.shapes_diffusion import shapes_clip_text_encoder
-
     overrides = {**TINY, "text_encoder": "shapes-clip", "clip_folder": str(tiny_clip.path)}
     result = zoo.train_model("shapes-diffusion", overrides, out=tmp_path / "sd", progress=False)
     assert result.report["text_encoder"]["frozen"]
@@ -369,8 +394,6 @@ def test_shipped_copy_leaves_out_and_rebuilds_the_shapes_clip_text_tower(tiny_cl
 
 
 def test_judges_with_a_tiny_shapes_clip_and_cnn(trained, tiny_clip):
-    from multimodal.zoo.shapes_diffusion import ShapesDiffusion
-
     clip = tiny_clip
     report = json.loads((trained.path / "training.json").read_text())
     report["config"].update(eval_clip=True, clip_folder=str(clip.path), cnn_steps=3, cnn_train=32)
@@ -395,8 +418,6 @@ def test_shapes_diffusion_adapter_uses_the_pipelines_text_encoder(trained):
 
 def test_cnn_judge_learns_colour_from_real_renders():
     """The second judge must read real renders well above chance after a few seconds of training."""
-    from multimodal.zoo.shapes_diffusion import EVAL_OFFSET, TRAIN_WORLD, render, train_cnn_judge, world_config
-
     world = world_config(TRAIN_WORLD)
     judge = train_cnn_judge(world, seed=0, n=600, steps=60)
     images, _, metas = render(world, range(EVAL_OFFSET, EVAL_OFFSET + 100))
