@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evals.concepts_report import planted_labels  # noqa: E402
+from evals.concepts import planted_labels  # noqa: E402
 from evals.planted import auroc_matrix  # noqa: E402
 
 

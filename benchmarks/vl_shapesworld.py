@@ -45,7 +45,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from evals.concepts_report import collect_pair_activations, planted_labels, planted_probe
+from evals.concepts import extract_pair_activations as collect_pair_activations, planted_labels, planted_probe
 from evals.planted import class_mean_vl_sae, linear_probe_auroc, summarize_by_attribute
 from multimodal.adapters import create_adapter
 from multimodal.shapesworld import ShapesWorldConfig, render_sample

@@ -88,7 +88,7 @@ def run_demo(out: str | Path = "runs/demo", pairs: int = 4000, steps: int = 1500
     timings["train"] = time.perf_counter() - t
 
     t = _step("6/6 concept report of the VL-SAE", progress)
-    from evals.concepts_report import concepts_report
+    from evals.concepts import concepts_report
     report = concepts_report(out / "vl", str(world), "shapes-clip", out / "concepts", limit=min(pairs, 2000),
                              overwrite=True, progress=progress)
     results["concepts"] = {k: v for k, v in report.items() if k != "planted_matches"}

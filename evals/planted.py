@@ -6,6 +6,12 @@ For each value we score every latent by the AUROC of its activation for
 concept set (VL-SAE's goal) shows up as the *same* latent index winning on both
 sides. Captions only mention some attributes, so caption labels use the
 mentioned values and image labels the planted ones.
+
+A latent that fires on most scenes can be the best latent of many values at
+once (in the demo one latent was the best for eight of ten shapes), which
+inflates the same-index rate. So each match also says whether its value *owns*
+its latent (no value with a higher AUROC has the same best latent), and the
+summaries give the exclusive rate beside the plain one.
 """
 from __future__ import annotations
 
@@ -39,15 +45,32 @@ def auroc_matrix(scores: torch.Tensor | np.ndarray, labels: dict[str, np.ndarray
 
 @dataclass
 class ValueMatch:
+    """The best latent of one planted value on images and on captions.
+
+    ``image_exclusive`` / ``text_exclusive`` say that no value with a higher
+    AUROC on that side has the same best latent. A catch-all latent (one that
+    fires on most scenes) can be the best latent of many values at once; only
+    the strongest of them owns it, so it counts as one match, not many. A
+    match built by hand, without the other values, is exclusive by default.
+    """
+
     value: str
     image_latent: int
     image_auroc: float
     text_latent: int
     text_auroc: float
+    image_exclusive: bool = True
+    text_exclusive: bool = True
 
     @property
     def same(self) -> bool:
         return self.image_latent == self.text_latent
+
+    @property
+    def exclusive_same(self) -> bool:
+        """The same latent on both sides and owned by this value on both: a same-index match that
+        a catch-all latent cannot hand out to several values."""
+        return self.same and self.image_exclusive and self.text_exclusive
 
     @property
     def shared_and_separated(self) -> bool:
@@ -55,27 +78,120 @@ class ValueMatch:
         return self.same and min(self.image_auroc, self.text_auroc) >= 0.9
 
 
+def _owners(best: dict[str, tuple[int, float]]) -> dict[int, str]:
+    """Per latent, the value that owns it: the highest AUROC among the values whose best latent it is
+    (ties go to the value first in sorted order, so every latent has one owner)."""
+    owners: dict[int, str] = {}
+    for value in sorted(best):
+        latent, auroc = best[value]
+        if latent not in owners or auroc > best[owners[latent]][1]:
+            owners[latent] = value
+    return owners
+
+
 def match_values(image_auroc: dict[str, np.ndarray], text_auroc: dict[str, np.ndarray]) -> list[ValueMatch]:
-    """For every value scored on both sides, the best latent per modality."""
+    """For every value scored on both sides, the best latent per modality and whether the value owns it."""
+    values = sorted(set(image_auroc) & set(text_auroc))
+    best = {}
+    for side, aurocs in (("image", image_auroc), ("text", text_auroc)):
+        best[side] = {v: (int(np.argmax(aurocs[v])), float(np.max(aurocs[v]))) for v in values}
+    owners = {side: _owners(best[side]) for side in best}
     matches = []
-    for value in sorted(set(image_auroc) & set(text_auroc)):
-        i = int(np.argmax(image_auroc[value]))
-        t = int(np.argmax(text_auroc[value]))
-        matches.append(ValueMatch(value, i, float(image_auroc[value][i]), t, float(text_auroc[value][t])))
+    for v in values:
+        (i, i_auroc), (t, t_auroc) = best["image"][v], best["text"][v]
+        matches.append(ValueMatch(v, i, i_auroc, t, t_auroc, image_exclusive=owners["image"][i] == v,
+                                  text_exclusive=owners["text"][t] == v))
     return matches
 
 
+def catch_all_latents(matches: list[ValueMatch]) -> list[int]:
+    """Latents that are the best latent of two or more of ``matches`` on images or on captions."""
+    shared = set()
+    for side in ("image_latent", "text_latent"):
+        counts: dict[int, int] = {}
+        for m in matches:
+            counts[getattr(m, side)] = counts.get(getattr(m, side), 0) + 1
+        shared |= {latent for latent, n in counts.items() if n > 1}
+    return sorted(shared)
+
+
 def summarize_matches(matches: list[ValueMatch]) -> dict[str, float]:
-    """same_index_rate, mean AUROCs and the fraction of values with both AUROCs >= 0.9."""
+    """Headline figures of a set of matches, side by side: ``same_index_rate`` (the best latent is the
+    same index on both sides) and ``exclusive_same_index_rate`` (and no stronger value has that latent
+    as its best: what is left once catch-all latents count once); ``catch_all_latents`` (how many
+    latents are the best latent of several of these values); mean AUROCs; the fraction of values
+    with both AUROCs >= 0.9."""
     if not matches:
-        return {"values": 0, "same_index_rate": float("nan"), "image_auroc": float("nan"), "text_auroc": float("nan")}
+        return {"values": 0, "same_index_rate": float("nan"), "exclusive_same_index_rate": float("nan"),
+                "catch_all_latents": 0, "image_auroc": float("nan"), "text_auroc": float("nan")}
     return {
         "values": len(matches),
         "same_index_rate": float(np.mean([m.same for m in matches])),
+        "exclusive_same_index_rate": float(np.mean([m.exclusive_same for m in matches])),
+        "catch_all_latents": len(catch_all_latents(matches)),
         "image_auroc": float(np.mean([m.image_auroc for m in matches])),
         "text_auroc": float(np.mean([m.text_auroc for m in matches])),
         "both_auroc_ge_0.9": float(np.mean([min(m.image_auroc, m.text_auroc) >= 0.9 for m in matches])),
     }
+
+
+@dataclass(frozen=True)
+class LatentRole:
+    """What the planted values say about one latent, for labelling its concept card.
+
+    image_values / text_values: the values whose best latent it is on that side, strongest first;
+    exclusive_value: the value whose exclusive same-index match it is (at most one), else None.
+    """
+
+    latent: int
+    image_values: tuple[str, ...]
+    text_values: tuple[str, ...]
+    exclusive_value: str | None
+
+    @property
+    def values(self) -> tuple[str, ...]:
+        """Every value that has this latent as its best on some side; the exclusive one first."""
+        seen = [self.exclusive_value] if self.exclusive_value else []
+        for v in self.image_values + self.text_values:
+            if v not in seen:
+                seen.append(v)
+        return tuple(seen)
+
+    @property
+    def catch_all(self) -> bool:
+        return len(self.values) > 1
+
+    def label(self) -> str:
+        """One line for the card: the value this latent stands for, or that it stands for several
+        ("shared" by two values, "catch-all" from three on), so a card never names just one of them."""
+        values = self.values
+        kind = "catch-all" if len(values) > 2 else "shared"
+        if self.exclusive_value and not self.catch_all:
+            return self.exclusive_value
+        if self.exclusive_value:
+            return f"{self.exclusive_value} ({kind}: also the best latent of {', '.join(values[1:])})"
+        if self.catch_all:
+            return f"{kind}: the best latent of {len(values)} values ({', '.join(values)})"
+        side = "images" if self.image_values else "captions"
+        return f"{values[0]} (best latent on {side} only)"
+
+
+def latent_roles(matches: list[ValueMatch]) -> dict[int, LatentRole]:
+    """Per latent that is some value's best latent on some side, its :class:`LatentRole`."""
+    by_side: dict[str, dict[int, list[ValueMatch]]] = {"image": {}, "text": {}}
+    exclusive: dict[int, str] = {}
+    for m in matches:
+        by_side["image"].setdefault(m.image_latent, []).append(m)
+        by_side["text"].setdefault(m.text_latent, []).append(m)
+        if m.exclusive_same:
+            exclusive[m.image_latent] = m.value
+    roles = {}
+    for latent in sorted(set(by_side["image"]) | set(by_side["text"])):
+        image = sorted(by_side["image"].get(latent, []), key=lambda m: -m.image_auroc)
+        text = sorted(by_side["text"].get(latent, []), key=lambda m: -m.text_auroc)
+        roles[latent] = LatentRole(latent, tuple(m.value for m in image), tuple(m.value for m in text),
+                                   exclusive.get(latent))
+    return roles
 
 
 def summarize_by_attribute(matches: list[ValueMatch]) -> dict[str, dict[str, float]]:

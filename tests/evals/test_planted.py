@@ -69,3 +69,65 @@ def test_class_mean_reference_gives_each_planted_value_its_own_shared_concept():
     matches = match_values(auroc_matrix(img, labels), auroc_matrix(txt, labels))
     assert all(m.same and m.image_latent == names.index(m.value) for m in matches)
     assert min(min(m.image_auroc, m.text_auroc) for m in matches) > 0.95
+
+
+def _catch_all_matrices():
+    """Latent 0 fires on everything: it is the best latent of three shapes and of size=medium, on both
+    sides; size=medium has the highest AUROC there. colour=red has latent 2 to itself; shape=ring's
+    best latent differs between the sides."""
+    img = {"shape=circle": np.array([0.80, 0.6, 0.5, 0.5]), "shape=square": np.array([0.75, 0.7, 0.5, 0.5]),
+           "shape=star": np.array([0.70, 0.5, 0.5, 0.6]), "size=medium": np.array([0.85, 0.5, 0.5, 0.5]),
+           "colour=red": np.array([0.5, 0.5, 0.97, 0.5]), "shape=ring": np.array([0.5, 0.5, 0.5, 0.9])}
+    txt = {"shape=circle": np.array([0.82, 0.6, 0.5, 0.5]), "shape=square": np.array([0.78, 0.5, 0.5, 0.5]),
+           "shape=star": np.array([0.71, 0.5, 0.5, 0.5]), "size=medium": np.array([0.90, 0.5, 0.5, 0.5]),
+           "colour=red": np.array([0.5, 0.5, 0.95, 0.5]), "shape=ring": np.array([0.5, 0.93, 0.5, 0.5])}
+    return img, txt
+
+
+def test_a_catch_all_latent_counts_once_in_the_exclusive_rate():
+    from evals.planted import catch_all_latents
+
+    matches = {m.value: m for m in match_values(*_catch_all_matrices())}
+    assert matches["size=medium"].exclusive_same and matches["colour=red"].exclusive_same
+    for value in ("shape=circle", "shape=square", "shape=star"):
+        m = matches[value]
+        assert m.same and not m.exclusive_same and not m.image_exclusive and not m.text_exclusive
+    assert not matches["shape=ring"].same and matches["shape=ring"].image_exclusive  # latent 3 is its own on images
+    s = summarize_matches(list(matches.values()))
+    assert s["same_index_rate"] == pytest.approx(5 / 6)  # the catch-all latent makes four values look matched
+    assert s["exclusive_same_index_rate"] == pytest.approx(2 / 6)  # it counts once: size=medium, plus colour=red
+    assert s["catch_all_latents"] == 1 and catch_all_latents(list(matches.values())) == [0]
+
+
+def test_exclusivity_is_per_side_and_ties_go_to_the_first_value():
+    img = {"a": np.array([0.9, 0.5]), "b": np.array([0.8, 0.5])}
+    txt = {"a": np.array([0.6, 0.7]), "b": np.array([0.95, 0.5])}  # a owns 0 on images, b owns 0 on captions
+    a, b = match_values(img, txt)
+    assert a.image_exclusive and not b.image_exclusive and b.text_exclusive and not b.exclusive_same
+    tie = {"a": np.array([0.9, 0.5]), "b": np.array([0.9, 0.5])}
+    a, b = match_values(tie, tie)
+    assert a.exclusive_same and not b.exclusive_same  # one owner per latent, even on a tie
+    assert np.isnan(summarize_matches([])["exclusive_same_index_rate"])
+    from evals.planted import ValueMatch
+    assert ValueMatch("colour=red", 1, 0.95, 1, 0.92).exclusive_same  # a hand-made match has no rival
+
+
+def test_latent_roles_label_each_card_with_its_own_value_or_as_catch_all():
+    from evals.planted import LatentRole, latent_roles
+
+    roles = latent_roles(match_values(*_catch_all_matrices()))
+    assert set(roles) == {0, 1, 2, 3}
+    assert roles[2].label() == "colour=red" and not roles[2].catch_all
+    catch_all = roles[0]
+    assert catch_all.catch_all and catch_all.exclusive_value == "size=medium"
+    assert catch_all.values[0] == "size=medium" and set(catch_all.values) == {"size=medium", "shape=circle",
+                                                                            "shape=square", "shape=star"}
+    assert catch_all.label().startswith("size=medium (catch-all: also the best latent of shape=circle")
+    assert roles[3].label() == "shape=ring (best latent on images only)"
+    assert roles[1].label() == "shape=ring (best latent on captions only)"
+    shared = LatentRole(5, ("shape=star", "shape=heart"), ("shape=heart",), None)
+    assert shared.label() == "shared: the best latent of 2 values (shape=star, shape=heart)"
+    pair = LatentRole(6, ("colour=white", "position=top left"), ("colour=white",), "colour=white")
+    assert pair.label() == "colour=white (shared: also the best latent of position=top left)"
+    three = LatentRole(7, ("a=1", "b=2", "c=3"), (), None)
+    assert three.label() == "catch-all: the best latent of 3 values (a=1, b=2, c=3)"

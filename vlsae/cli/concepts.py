@@ -1,4 +1,8 @@
-"""``vlsae concepts``: encode a dataset with a trained SAE and write the concept report."""
+"""``vlsae concepts``: encode a dataset with a trained SAE and write the concept report.
+
+The work is :func:`evals.concepts.concepts_report`, which checks ``--out`` before
+loading anything; this module parses the flags and prints the headline.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,22 +11,25 @@ HELP = "what each latent means: concept cards, modality scores, planted-concept 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sae", required=True, help="trained SAE run folder")
-    parser.add_argument("--data", required=True, help="pair shards, e.g. 'DIR/{000000..000009}.tar', or a folder of shards")
-    parser.add_argument("--model", required=True, help="adapter spec the SAE was trained on, e.g. shapes-clip")
-    parser.add_argument("--out", required=True, help="report folder (index.html inside)")
-    parser.add_argument("--hook", default="final", help="hook point the SAE was trained on")
-    parser.add_argument("--tokens", default="cls", help="token selection: cls or mean (one row per pair)")
-    parser.add_argument("--limit", type=int, default=2000, help="pairs to analyse")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--cards", type=int, default=24, help="concept cards in the report")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--sae", required=True, help="trained SAE run folder (required)")
+    parser.add_argument("--data", required=True,
+                        help="pair shards, e.g. 'DIR/{000000..000009}.tar', or a folder of shards (required)")
+    parser.add_argument("--model", required=True, help="adapter spec the SAE was trained on, e.g. shapes-clip (required)")
+    parser.add_argument("--out", required=True,
+                        help="report folder to write, index.html inside; must be writable and empty unless --overwrite (required)")
+    parser.add_argument("--hook", default="final", help="hook point the SAE was trained on (default: final)")
+    parser.add_argument("--tokens", default="cls", choices=["cls", "mean"],
+                        help="token selection, one row per pair and modality: cls or mean (default: cls)")
+    parser.add_argument("--limit", type=int, default=2000, help="pairs to analyse, the first ones of --data (default: 2000)")
+    parser.add_argument("--batch-size", type=int, default=64, help="pairs per forward pass of the model (default: 64)")
+    parser.add_argument("--device", default="auto", help="device for the model: auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--cards", type=int, default=24, help="concept cards in the report (default: 24)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder (default: off)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (default: off, bars shown)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from evals.concepts_report import concepts_report
+    from evals.concepts import concepts_report
 
     result = concepts_report(args.sae, args.data, args.model, args.out, hook=args.hook, tokens=args.tokens,
                              limit=args.limit, batch_size=args.batch_size, device=args.device, n_cards=args.cards,
@@ -31,7 +38,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{result['pairs']} pairs, FVU {fvu}, {result['multimodal_fraction']:.0%} multimodal latents")
     planted = result.get("planted") or {}
     if planted:
-        print(f"planted values: same latent on images and captions for {planted['same_index_rate']:.0%}; "
+        print(f"planted values: same latent on images and captions for {planted['same_index_rate']:.0%}, "
+              f"exclusively for {planted['exclusive_same_index_rate']:.0%} "
+              f"({planted['catch_all_latents']} latents are the best of several values); "
               f"mean AUROC images {planted['image_auroc']:.3f}, captions {planted['text_auroc']:.3f}")
     print(f"report: {result['index']}")
     return 0
