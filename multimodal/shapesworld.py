@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw
 
 from vlsae.config import option, to_dict
 from vlsae.errors import VlsaeError
+from vlsae.files import atomic_write_text, check_writable_dir
 
 SHAPE_FAMILIES: dict[str, tuple[str, ...]] = {
     "round": ("circle", "ellipse", "ring"),
@@ -470,8 +471,7 @@ def write_world(config: ShapesWorldConfig, out_dir: str | Path, n: int, shard_si
         raise VlsaeError(f"--n must be positive, got {n}")
     if shard_size <= 0:
         raise VlsaeError(f"--shard-size must be positive, got {shard_size}")
-    if out.exists() and not out.is_dir():
-        raise VlsaeError(f"{out} is a file; give a folder for the shards")
+    check_writable_dir(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise VlsaeError(f"{out} is not empty; choose another --out or pass --overwrite to replace it")
@@ -501,6 +501,5 @@ def write_world(config: ShapesWorldConfig, out_dir: str | Path, n: int, shard_si
                 totals.setdefault(attr, {})[value] = totals.setdefault(attr, {}).get(value, 0) + count
     summary = {"n": n, "shards": len(jobs), "shard_size": shard_size, "pattern": f"{out}/{{000000..{len(jobs) - 1:06d}}}.tar",
                "counts": totals, "corrupted": sum(totals.get("corruption", {}).values())}
-    from vlsae.files import atomic_write_text
     atomic_write_text(out / "world.json", json.dumps({"config": to_dict(config), "vocabulary": vocabulary(), "summary": summary}, indent=2))
     return summary

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from vlsae.errors import VlsaeError
+from vlsae.files import check_writable_dir
 from vlsae.registry import Registry
 
 REPORT = "training.json"
@@ -295,7 +296,7 @@ def train_model(name: str, overrides: dict[str, Any] | None = None, out: str | P
     so an interrupted training never leaves a half-written model behind.
     """
     cls = get_zoo_class(name)
-    target = Path(out) if out is not None else model_dir(name)
+    target = check_writable_dir(out if out is not None else model_dir(name))
     if target.exists() and not overwrite:
         raise VlsaeError(f"{target} already exists; pass --overwrite to retrain")
     if target.exists() and any(target.iterdir()) and not (target / REPORT).is_file():

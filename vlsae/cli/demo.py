@@ -7,9 +7,9 @@ HELP = "run the whole pipeline offline: leaderboard, ShapesWorld, shapes-clip, e
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/demo", help="demo folder (reused and continued if it exists)")
-    parser.add_argument("--pairs", type=int, default=4000, help="ShapesWorld pairs to generate")
-    parser.add_argument("--steps", type=int, default=1500, help="training steps per SAE")
+    parser.add_argument("--out", default="runs/demo", help="demo folder, reused and continued if it exists (default: runs/demo)")
+    parser.add_argument("--pairs", type=int, default=4000, help="ShapesWorld pairs to generate (default: 4000)")
+    parser.add_argument("--steps", type=int, default=1500, help="training steps per SAE (default: 1500)")
     parser.add_argument("--no-synth", action="store_true", help="skip the planted-feature leaderboard")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or tables")
 

@@ -19,7 +19,7 @@ HELP = "train SAEs on a planted-feature suite and print the recovery leaderboard
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--suite", required=True, choices=list_suites(), help="which planted-feature suite")
+    parser.add_argument("--suite", required=True, choices=list_suites(), help="which planted-feature suite (required)")
     parser.add_argument("--preset", default=None,
                         help="suite preset: independent light|heavy|gba, hierarchical A|B, bidirectional default, "
                              "multimodal shared|separate (default: the first)")
@@ -32,19 +32,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps per SAE (default 1500)")
     parser.add_argument("--batch-size", type=int, default=None, help="training batch size (default 512)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the trainer's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data and of every SAE")
-    parser.add_argument("--seeds", type=int, default=1, help="repeat for seeds seed..seed+N-1 and report mean and sd")
-    parser.add_argument("--noise", type=float, default=0.0, help="noise sigma added to the activations")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and of every SAE (default: 0)")
+    parser.add_argument("--seeds", type=int, default=1, help="repeat for seeds seed..seed+N-1 and report mean and sd (default: 1)")
+    parser.add_argument("--noise", type=float, default=0.0, help="noise sigma added to the activations (default: 0)")
     parser.add_argument("--n-train", type=int, default=None, help="training rows to draw (default 20000)")
     parser.add_argument("--n-test", type=int, default=None, help="test rows to draw (default 5000)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="suite option, e.g. correlation=0.3, spectrum=zipf, p_plus=0.8, rho=0.6 (repeatable)")
+                        help="suite option, e.g. correlation=0.3, spectrum=zipf, p_plus=0.8, rho=0.6 (repeatable; default: none)")
     parser.add_argument("--sae-option", action="append", default=[], metavar="ARCH.KEY=VALUE",
-                        help="SAE config value for one arch, e.g. mp.residual_threshold=0.05 (repeatable)")
+                        help="SAE config value for one arch, e.g. mp.residual_threshold=0.05 (repeatable; default: none)")
     parser.add_argument("--train-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="trainer setting, e.g. betas=[0.5,0.9375] or b_dec_init=zeros (repeatable)")
-    parser.add_argument("--device", default="auto", help="training device: auto, cpu or cuda")
-    parser.add_argument("--out", default=None, help="write the leaderboard rows to this JSON file")
+                        help="trainer setting, e.g. betas=[0.5,0.9375] or b_dec_init=zeros (repeatable; default: none)")
+    parser.add_argument("--device", default="auto", help="training device: auto, cpu or cuda (default: auto)")
+    parser.add_argument("--out", default=None, help="write the leaderboard rows to this JSON file (default: none, table only)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 

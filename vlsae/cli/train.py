@@ -1,39 +1,50 @@
 """``vlsae train``: train any registered SAE from a YAML run config and/or flags.
 
 Precedence, lowest first: the run folder's saved ``run.yaml`` (with --resume),
-the --config file, the flags, then --set overrides.
+the --config file, the flags, then --set overrides. Without ``--out`` (and no
+``out:`` in the config) the run goes to a fresh folder under ``runs/``, printed
+before training starts, so a finished SAE is never thrown away.
 """
 from __future__ import annotations
 
 import argparse
+import time
+from pathlib import Path
 
 from vlsae.errors import VlsaeError
 from vlsae.saes import list_archs
+from vlsae.training.config import TrainConfig
+from vlsae.training.run import RunConfig, load_run_config, run_training, saved_run_config
+from vlsae.training.trainer import check_out_dir
 
 HELP = "train an SAE on a tensor file, an activation cache or a planted-feature suite"
+RUNS_DIR = "runs"
+_TRAIN = TrainConfig()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML run config (see configs/); flags and --set override it")
+    parser.add_argument("--config", help="YAML run config (see configs/); flags and --set override it (default: none)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any run-config key, e.g. --set sae.k=16 --set train.lr=3e-4 (repeatable)")
+                        help="override any run-config key, e.g. --set sae.k=16 --set train.lr=3e-4 (repeatable; default: none)")
     data = parser.add_argument_group("data (one of)")
-    data.add_argument("--data", help="a .safetensors or .npy tensor file (one tensor, or tensors named by modality)")
-    data.add_argument("--acts", help="an activation cache folder from `vlsae extract`")
-    data.add_argument("--synthetic", help="a planted-feature suite: independent, hierarchical, bidirectional, multimodal")
-    data.add_argument("--modality", help="train a single-stream SAE on one modality of paired data")
+    data.add_argument("--data", help="a .safetensors or .npy tensor file (one tensor, or tensors named by modality; default: none)")
+    data.add_argument("--acts", help="an activation cache folder from `vlsae extract` (default: none)")
+    data.add_argument("--synthetic", help="a planted-feature suite: independent, hierarchical, bidirectional, multimodal (default: none)")
+    data.add_argument("--modality", help="train a single-stream SAE on one modality of paired data (default: all modalities)")
     model = parser.add_argument_group("model")
-    model.add_argument("--arch", help=f"architecture: {', '.join(list_archs())}")
-    model.add_argument("--latents", type=int, help="number of latents (sae.n_latents)")
-    model.add_argument("--k", type=int, help="active latents per input (sae.k)")
+    model.add_argument("--arch", help=f"architecture: {', '.join(list_archs())} (default: {RunConfig().arch})")
+    model.add_argument("--latents", type=int, help="number of latents (sae.n_latents; default: the architecture's, required for most)")
+    model.add_argument("--k", type=int, help="active latents per input (sae.k; default: the architecture's, 32 for topk)")
     run = parser.add_argument_group("training")
-    run.add_argument("--steps", type=int, help="optimizer steps (train.steps)")
-    run.add_argument("--batch-size", type=int, help="rows per batch (train.batch_size)")
-    run.add_argument("--lr", type=float, help="peak learning rate (default 2e-4 / sqrt(n_latents / 2^14))")
-    run.add_argument("--seed", type=int, help="seed of the SAE's init, batch order and everything random")
-    run.add_argument("--device", help="auto, cpu or cuda")
-    run.add_argument("--align-steps", type=int, help="train the contrastive alignment stage first for this many steps")
-    run.add_argument("--out", help="run folder (never overwritten)")
+    run.add_argument("--steps", type=int, help=f"optimizer steps (train.steps; default {_TRAIN.steps})")
+    run.add_argument("--batch-size", type=int, help=f"rows per batch (train.batch_size; default {_TRAIN.batch_size})")
+    run.add_argument("--lr", type=float, help="peak learning rate (train.lr; default 2e-4 / sqrt(n_latents / 2^14))")
+    run.add_argument("--seed", type=int, help=f"seed of the SAE's init, batch order and everything random (default {_TRAIN.seed})")
+    run.add_argument("--device", help=f"auto, cpu, cuda or cuda:N (default {_TRAIN.device})")
+    run.add_argument("--align-steps", type=int, help="train the contrastive alignment stage first for this many steps (default 0: off)")
+    run.add_argument("--checkpoint-every", type=int, metavar="N",
+                     help=f"write a resumable checkpoint every N steps, 0 only at the end (default {_TRAIN.checkpoint_every})")
+    run.add_argument("--out", help=f"run folder, never overwritten (default: a fresh {RUNS_DIR}/ARCH-TIMESTAMP folder)")
     run.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from its last checkpoint")
     run.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
 
@@ -43,17 +54,24 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
              ("data.modality", args.modality), ("arch", args.arch), ("sae.n_latents", args.latents), ("sae.k", args.k),
              ("train.steps", args.steps), ("train.batch_size", args.batch_size), ("train.lr", args.lr),
              ("train.seed", args.seed), ("train.device", args.device), ("align.steps", args.align_steps),
-             ("out", args.out)]
+             ("train.checkpoint_every", args.checkpoint_every), ("out", args.out)]
     out = [f"{key}={value}" for key, value in pairs if value is not None]
     if args.quiet:
         out.append("train.progress=false")
     return out
 
 
-def run(args: argparse.Namespace) -> int:
-    from vlsae.training.run import load_run_config, run_training, saved_run_config
-    from vlsae.training.trainer import check_out_dir
+def fresh_run_dir(arch: str, root: str | Path = RUNS_DIR) -> Path:
+    """``runs/ARCH-YYYYmmdd-HHMMSS`` (with a -2, -3, ... suffix if that exists already)."""
+    base = Path(root) / f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
 
+
+def run(args: argparse.Namespace) -> int:
     base = None
     if args.resume:
         if not args.out:
@@ -65,9 +83,11 @@ def run(args: argparse.Namespace) -> int:
     elif args.config is None and not (args.data or args.acts or args.synthetic):
         raise VlsaeError("no training data: pass --config FILE, --data FILE, --acts DIR or --synthetic SUITE")
     run_config = load_run_config(args.config, overrides=[*_flag_overrides(args), *args.set], base=base)
+    if run_config.out is None:
+        run_config.out = str(fresh_run_dir(run_config.arch))
+        print(f"vlsae train: no --out given; writing the run to {run_config.out}")
     result = run_training(run_config, resume=args.resume)
     s = result.summary
     print(f"fvu {s['fvu']:.4f}  l0 {s['l0']:.2f}  dead {s['dead_fraction']:.3f}  ({s['eval_split']}, {s['eval_rows']} rows)")
-    if result.out_dir is not None:
-        print(f"saved {result.sae.arch} SAE to {result.out_dir}")
+    print(f"saved {result.sae.arch} SAE to {result.out_dir}")
     return 0

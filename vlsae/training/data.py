@@ -8,6 +8,7 @@ reproduces the uninterrupted stream exactly, without replaying it.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Iterator, Protocol, Union, runtime_checkable
 
@@ -50,12 +51,12 @@ class TensorSource:
                 raise VlsaeError(f"paired modalities must have the same number of rows (pairs), got {rows}")
             for m, t in data.items():
                 _check_matrix(t, f"modality '{m}'")
-            self.data: Batch = {m: t.float() if not t.is_floating_point() else t for m, t in data.items()}
+            self.data: Batch = {m: _as_float(t, f"modality '{m}'") for m, t in data.items()}
             self.d_in: int | dict[str, int] = {m: int(t.shape[1]) for m, t in data.items()}
             self._rows = next(iter(rows.values()))
         else:
             _check_matrix(data, "activations")
-            self.data = data if data.is_floating_point() else data.float()
+            self.data = _as_float(data, "the activations")
             self.d_in = int(data.shape[1])
             self._rows = int(data.shape[0])
         if self._rows == 0:
@@ -112,6 +113,16 @@ class TensorSource:
         return f"TensorSource(rows={self._rows}, d_in={self.d_in})"
 
 
+def _as_float(t: torch.Tensor, what: str) -> torch.Tensor:
+    """Floating tensors as they are; integer or bool ones cast to float32 with a notice on stderr,
+    because integers are rarely activations (token ids or labels saved by mistake look like this)."""
+    if t.is_floating_point():
+        return t
+    print(f"vlsae: notice: {what} are {str(t.dtype).removeprefix('torch.')} values; training on them cast to float32 "
+          "(SAEs expect float activations: integer token ids or labels are not)", file=sys.stderr)
+    return t.float()
+
+
 def _check_matrix(t: torch.Tensor, what: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise VlsaeError(f"{what} must be a tensor, got {type(t).__name__}")
@@ -136,7 +147,8 @@ def open_tensor_file(path: str | Path) -> TensorSource:
             raise VlsaeError(f"{path} is not a readable .npy file ({str(exc).splitlines()[0]})") from None
         if array.dtype.kind not in "fiu":
             raise VlsaeError(f"{path} holds {array.dtype} values; activations must be numeric")
-        return TensorSource(torch.from_numpy(np.ascontiguousarray(array)).float())
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        return TensorSource(tensor.float() if tensor.is_floating_point() else tensor)
     if suffix != ".safetensors":
         raise VlsaeError(f"unsupported data file {path.name}: use .safetensors or .npy (pickle/.pt files are never loaded)")
     tensors = read_safetensors(path, what="data")

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from vlsae.checkpoint import CONFIG, WEIGHTS, read_config, save_sae
-from vlsae.files import atomic_write_text, read_safetensors, replace_dir
+from vlsae.files import atomic_write_text, check_writable_dir, read_safetensors, replace_dir
 from vlsae.config import to_dict
 from vlsae.devices import resolve_device
 from vlsae.errors import VlsaeError
@@ -122,7 +122,7 @@ def check_out_dir(out_dir: str | Path | None, resume: bool) -> None:
         if resume:
             raise VlsaeError("--resume needs --out pointing at the interrupted run")
         return
-    out = Path(out_dir)
+    out = check_writable_dir(out_dir)
     if out.exists() and not out.is_dir():
         raise VlsaeError(f"--out {out} is a file; give a folder for the run")
     _recover_checkpoint(out)

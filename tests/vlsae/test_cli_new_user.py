@@ -1,0 +1,81 @@
+"""Defects a new user hit: unwritable --out, train without --out, integer activations."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vlsae.cli import main
+from vlsae.files import check_writable_dir, check_writable_file
+from vlsae.errors import VlsaeError
+
+from tests.vlsae.test_cli_train import planted, small
+
+UNWRITABLE = "/proc/vlsae-x"
+
+
+def one_line(capsys, argv) -> str:
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--synthetic", "hierarchical", "--steps", "5", "--out", UNWRITABLE],
+    ["world", "--n", "10", "--out", UNWRITABLE],
+    ["synth", "--suite", "hierarchical", "--archs", "topk", "--steps", "5", "--out", UNWRITABLE + "/rows.json"],
+    ["eval", "synth", "--archs", "[topk]", "--steps", "5", "--out", UNWRITABLE + "/rows.json"],
+    ["zoo", "train", "shapes-clip", "--out", UNWRITABLE],
+], ids=["train", "world", "synth", "eval-synth", "zoo-train"])
+def test_unwritable_out_is_one_line_before_any_work(capsys, argv):
+    started = time.perf_counter()
+    err = one_line(capsys, argv)
+    assert "not writable" in err and "vlsae-x" in err
+    assert time.perf_counter() - started < 5, "the check must come before the work"
+
+
+def test_writable_checks_create_nothing(tmp_path):
+    target = tmp_path / "a" / "b"
+    assert check_writable_dir(target) == target and not (tmp_path / "a").exists()
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(VlsaeError, match="is a file"):
+        check_writable_dir(tmp_path / "f")
+    with pytest.raises(VlsaeError, match="not writable"):
+        check_writable_dir(tmp_path / "f" / "sub")
+    with pytest.raises(VlsaeError, match="is a folder"):
+        check_writable_file(tmp_path)
+    assert list(tmp_path.iterdir()) == [tmp_path / "f"]
+
+
+def test_train_without_out_keeps_the_run_in_a_fresh_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    save_file({"acts": planted()}, tmp_path / "acts.safetensors")
+    assert main(["train", "--data", "acts.safetensors", *small()]) == 0
+    out = capsys.readouterr().out
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("topk-")
+    assert f"writing the run to {Path('runs') / runs[0].name}" in out
+    assert (runs[0] / "sae.safetensors").is_file() and (runs[0] / "training.json").is_file()
+    assert main(["train", "--data", "acts.safetensors", *small()]) == 0  # a second run gets its own folder
+    assert len(list((tmp_path / "runs").iterdir())) == 2
+
+
+def test_checkpoint_every_flag(tmp_path):
+    save_file({"acts": planted()}, tmp_path / "acts.safetensors")
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "acts.safetensors"), *small("--checkpoint-every", "7", "--out", str(out))]) == 0
+    assert "checkpoint_every: 7" in (out / "run.yaml").read_text()
+
+
+def test_integer_activations_train_with_a_notice(tmp_path, capsys):
+    ints = (planted() * 10).round().to(torch.int32)
+    save_file({"acts": ints}, tmp_path / "ints.safetensors")
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "ints.safetensors"), *small("--out", str(out))]) == 0
+    err = capsys.readouterr().err
+    assert "notice" in err and "int32" in err and "float32" in err
+    assert (out / "sae.safetensors").is_file()
