@@ -1,7 +1,8 @@
 """The demo end to end at a small size: world, shipped shapes-clip, extraction, two SAEs, concept report."""
 import json
+import re
 
-from evals.demo import run_demo
+from evals.tasks.demo import run_demo
 
 
 def test_small_demo_runs_every_stage_and_reuses_its_folder(tmp_path, monkeypatch):
@@ -19,3 +20,14 @@ def test_small_demo_runs_every_stage_and_reuses_its_folder(tmp_path, monkeypatch
     assert config["config"]["hook"] == "shapes-clip final cls"  # the cache's origin is recorded with the SAE
     again = run_demo(out, pairs=300, steps=40, synth=False, progress=False)  # finished parts are reused
     assert again["vl"]["fvu_image"] == results["vl"]["fvu_image"]
+
+
+def test_demo_index_links_every_result(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLSAE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    run_demo(out, pairs=200, steps=20, synth=False, progress=False)
+    page = (out / "index.html").read_text()
+    links = re.findall(r'href="([^"]+)"', page)
+    assert {"concepts/index.html", "vl/training.json", "topk-image/training.json", "acts/manifest.json"} <= set(links)
+    for link in links:
+        assert (out / link).is_file(), link

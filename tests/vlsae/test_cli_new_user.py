@@ -30,7 +30,9 @@ def one_line(capsys, argv) -> str:
     ["synth", "--suite", "hierarchical", "--archs", "topk", "--steps", "5", "--out", UNWRITABLE + "/rows.json"],
     ["eval", "synth", "--archs", "[topk]", "--steps", "5", "--out", UNWRITABLE + "/rows.json"],
     ["zoo", "train", "shapes-clip", "--out", UNWRITABLE],
-], ids=["train", "world", "synth", "eval-synth", "zoo-train"])
+    ["demo", "--out", UNWRITABLE],
+    ["eval", "demo", "--out", UNWRITABLE],
+], ids=["train", "world", "synth", "eval-synth", "zoo-train", "demo", "eval-demo"])
 def test_unwritable_out_is_one_line_before_any_work(capsys, argv):
     started = time.perf_counter()
     err = one_line(capsys, argv)

@@ -1,11 +1,15 @@
 """``vlsae concepts``: encode a dataset with a trained SAE and write the concept report.
 
-The work is :func:`evals.concepts.concepts_report`, which checks ``--out`` before
-loading anything; this module parses the flags and prints the headline.
+The work is the ``concepts`` task (:mod:`evals.tasks.concepts`, around
+:func:`evals.concepts.concepts_report`), which checks ``--out`` before loading
+anything; this module parses the flags and prints the headline.
 """
 from __future__ import annotations
 
 import argparse
+
+from evals.tasks import run_task
+from evals.tasks.concepts import ConceptsConfig, ConceptsTask
 
 HELP = "what each latent means: concept cards, modality scores, planted-concept matrix (HTML report)"
 
@@ -29,18 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evals.concepts import concepts_report
-
-    result = concepts_report(args.sae, args.data, args.model, args.out, hook=args.hook, tokens=args.tokens,
-                             limit=args.limit, batch_size=args.batch_size, device=args.device, n_cards=args.cards,
-                             overwrite=args.overwrite, progress=not args.quiet)
-    fvu = ", ".join(f"{m} {v:.3f}" for m, v in result["fvu"].items())
-    print(f"{result['pairs']} pairs, FVU {fvu}, {result['multimodal_fraction']:.0%} multimodal latents")
-    planted = result.get("planted") or {}
-    if planted:
-        print(f"planted values: same latent on images and captions for {planted['same_index_rate']:.0%}, "
-              f"exclusively for {planted['exclusive_same_index_rate']:.0%} "
-              f"({planted['catch_all_latents']} latents are the best of several values); "
-              f"mean AUROC images {planted['image_auroc']:.3f}, captions {planted['text_auroc']:.3f}")
-    print(f"report: {result['index']}")
+    config = ConceptsConfig(sae=args.sae, data=args.data, model=args.model, out=args.out, hook=args.hook,
+                            tokens=args.tokens, limit=args.limit, batch_size=args.batch_size, device=args.device,
+                            cards=args.cards, overwrite=args.overwrite, progress=not args.quiet)
+    for line in ConceptsTask.describe(run_task("concepts", config)):
+        print(line)
     return 0

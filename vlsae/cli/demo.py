@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 
+from evals.tasks import run_task
+from evals.tasks.demo import DemoConfig, DemoTask
+
 HELP = "run the whole pipeline offline: leaderboard, ShapesWorld, shapes-clip, extraction, TopK + VL-SAE, concept report"
 
 
@@ -15,8 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evals.demo import run_demo
-
-    run_demo(args.out, pairs=args.pairs, steps=args.steps, synth=not args.no_synth, progress=not args.quiet)
-    print(f"demo finished: {args.out}/demo.json, report in {args.out}/concepts/index.html")
+    config = DemoConfig(out=args.out, pairs=args.pairs, steps=args.steps, synth=not args.no_synth, progress=not args.quiet)
+    for line in DemoTask.describe(run_task("demo", config)):
+        print(line)
     return 0
