@@ -36,7 +36,8 @@ def test_imports_without_the_shapes_diffusion_recipe(module):
     assert not any(name.split(".")[0] in ("steering", "evals") for name in loaded)  # the layer below them
 
 
-def test_the_registry_finds_the_shapes_diffusion_package():
-    """pkgutil.iter_modules lists a subpackage too: the registered class is the package's."""
-    assert "shapes-diffusion" in zoo.list_models()
-    assert zoo.get_zoo_class("shapes-diffusion").__module__ == "multimodal.zoo.shapes_diffusion"
+@pytest.mark.parametrize("name", ["shapes-diffusion", "shapes-llava"])
+def test_the_registry_finds_the_zoo_subpackages(name):
+    """pkgutil.iter_modules lists a subpackage too: the registered class is the package's own."""
+    assert name in zoo.list_models()
+    assert zoo.get_zoo_class(name).__module__ == f"multimodal.zoo.{name.replace('-', '_')}"

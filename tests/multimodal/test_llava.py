@@ -12,8 +12,11 @@ from vlsae.errors import VlsaeError
 
 from multimodal import zoo
 from multimodal.adapters import create_adapter
-from multimodal.zoo.shapes_llava import (BOS, EOS, IMAGE, UNK, ShapesLlavaConfig, batch_sequences, build_model,
-                                         build_processor, build_tokenizer, make_question, normalise, parse_objects)
+from multimodal.zoo.shapes_llava import ShapesLlava
+from multimodal.zoo.shapes_llava.build import build_model, build_processor, build_tokenizer, normalise
+from multimodal.zoo.shapes_llava.config import BOS, EOS, IMAGE, TRAIN_WORLD, UNK, ShapesLlavaConfig
+from multimodal.zoo.shapes_llava.data import batch_sequences, make_question, parse_objects, reading_order_caption
+from multimodal.zoo.shapes_llava.recipe import attribute_word_ids, patch_targets, scene_words
 
 from .tiny import synthetic_pairs
 
@@ -238,8 +241,6 @@ def test_parse_objects_reads_attributes_synonyms_and_positions():
 
 
 def test_stage_one_targets_point_at_the_right_patches_and_words():
-    from multimodal.zoo.shapes_llava import attribute_word_ids, patch_targets, scene_words
-
     centre = {"objects": [{"shape": "star", "colour": "red", "size": "small", "position": "center"}]}
     corner = {"objects": [{"shape": "ring", "colour": "blue", "size": "large", "position": "top left"},
                           {"shape": "cross", "colour": "red", "size": "small", "position": "bottom right"}]}
@@ -261,7 +262,6 @@ def test_stage_one_targets_point_at_the_right_patches_and_words():
 
 def test_reading_order_captions_keep_the_style_and_sort_the_objects():
     from multimodal.shapesworld import POSITIONS, ShapesWorldConfig, render_sample
-    from multimodal.zoo.shapes_llava import TRAIN_WORLD, reading_order_caption
 
     world = ShapesWorldConfig(**TRAIN_WORLD)
     order = list(POSITIONS)
@@ -317,8 +317,6 @@ def test_zoo_folder_loads_as_llava_with_its_prompt(trained):
 
 
 def test_shapes_llava_spec_trains_on_first_use_into_the_cache(trained, tmp_path, monkeypatch):
-    from multimodal.zoo.shapes_llava import ShapesLlava
-
     monkeypatch.setenv("VLSAE_CACHE", str(tmp_path / "cache"))
     calls = []
     original = ShapesLlava.train.__func__

@@ -7,8 +7,8 @@ converted exactly, or a new one), an ``AutoencoderKL``, a
 Diffusion's ``DDIMScheduler``. A trained folder is ``save_pretrained``'s
 layout; a shipped copy leaves out the text encoder and tokenizer (a duplicate
 of shapes-clip's text tower) and :func:`load_shipped_pipeline` rebuilds them.
-Nothing here trains: steering and evaluation code that loads the pipeline
-does not need the recipe.
+Nothing here trains: the recipe builds its untrained parts from these, and
+the zoo entry loads a trained folder with them.
 """
 from __future__ import annotations
 

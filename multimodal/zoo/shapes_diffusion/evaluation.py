@@ -5,9 +5,8 @@ shapes), read by the judges of :mod:`multimodal.judges`: shapes-clip
 zero-shot, a small CNN trained on real renders, and the pixel colour check.
 Each judge also reads real renders of the training world (its ceiling) and
 those renders through the pipeline's autoencoder (the ceiling the
-autoencoder's blur leaves). Separate from the recipe, which calls it after
-training, so that ``vlsae zoo eval`` and the model class do not need the
-recipe to evaluate.
+autoencoder's blur leaves). Its own module because two callers need it: the
+recipe, right after training, and the zoo entry (``vlsae zoo eval``).
 """
 from __future__ import annotations
 

@@ -11,8 +11,9 @@ Seeded, on single-object ShapesWorld scenes rendered in memory:
    prompts replaced by the empty prompt for classifier-free guidance; the saved
    weights are a moving average.
 
-Only ``vlsae zoo train shapes-diffusion`` needs this module; loading,
-generating and judging do not import it.
+Only ``vlsae zoo train shapes-diffusion`` runs this. Generating and judging
+(:mod:`multimodal.generation`, :mod:`multimodal.judges`) sit outside this
+package, so steering and evaluation code imports none of it.
 """
 from __future__ import annotations
 
