@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
+from vlsae.saes import create_sae
+
 
 def auroc_matrix(scores: torch.Tensor | np.ndarray, labels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """AUROC of every column of ``scores`` (rows, n_latents) for each boolean label (rows,).
@@ -271,7 +273,6 @@ def class_mean_vl_sae(acts: dict[str, torch.Tensor], image_labels: dict[str, np.
                       text_labels: dict[str, np.ndarray], k: int):
     """An untrained ``vl`` SAE whose concepts are :func:`class_mean_concepts` (decoders left random:
     only its codes are meant to be read)."""
-    from vlsae import create_sae
 
     names, directions, means = class_mean_concepts(acts, image_labels, text_labels)
     if not names:

@@ -46,6 +46,7 @@ from vlsae.errors import VlsaeError
 
 from multimodal.adapters import register_adapter
 from multimodal.adapters.base import Adapter, BlockCapture, Extracted, Prepared, pair_fields, select_tokens
+from multimodal.zoo import load_model, model_dir
 
 ENCODERS = ("text_encoder", "text_encoder_2")
 TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
@@ -334,7 +335,6 @@ class ShapesDiffusionAdapter(DiffusersTextAdapter):
     def from_spec(cls, rest: str, device: torch.device, dtype: torch.dtype, **options: Any) -> "ShapesDiffusionAdapter":
         if rest:
             raise VlsaeError("shapes-diffusion takes no arguments; for another pipeline use diffusers-text:FOLDER")
-        from multimodal.zoo import load_model, model_dir
 
         folder = options.pop("folder", None)
         if options:

@@ -62,6 +62,7 @@ from vlsae.errors import VlsaeError
 from multimodal.adapters import register_adapter
 from multimodal.adapters.base import Adapter, BlockCapture, Extracted, Prepared, pair_fields, select_tokens, to_rgb
 from multimodal.quiet import quiet_transformers
+from multimodal.zoo import load_model
 
 DEFAULT_PROMPT = "{image}\n{caption}"
 PROMPTS_FILE = "vlsae_prompts.json"
@@ -340,7 +341,6 @@ class ShapesLlavaAdapter(LlavaAdapter):
         if rest:
             raise VlsaeError("shapes-llava takes no arguments; for another checkpoint use llava:FOLDER")
         prompt = options.pop("prompt", None)
-        from multimodal.zoo import load_model
 
         loaded = load_model("shapes-llava", device=device, **options)
         return cls(loaded.model, loaded.processor, device, dtype, prompt=prompt or loaded.prompt, source=str(loaded.path))

@@ -51,6 +51,7 @@ from vlsae.errors import VlsaeError
 from multimodal.adapters import register_adapter
 from multimodal.adapters.base import Adapter, BlockCapture, Extracted, Prepared, pair_fields, select_tokens, stack_images
 from multimodal.quiet import quiet_root_logging
+from multimodal.zoo import load_model
 
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt"}
 _WEIGHT_SUFFIXES = {".safetensors", ".npz", ".npy"} | _PICKLE_SUFFIXES
@@ -343,7 +344,6 @@ class ShapesClipAdapter(OpenClipAdapter):
     def from_spec(cls, rest: str, device: torch.device, dtype: torch.dtype, **options: Any) -> "ShapesClipAdapter":
         if rest:
             raise VlsaeError(f"{cls.zoo_name} takes no arguments; for another checkpoint use open_clip:{cls.zoo_name}:FILE")
-        from multimodal.zoo import load_model
 
         loaded = load_model(cls.zoo_name, device=device, **options)
         return cls(loaded.model, loaded.preprocess, loaded.tokenizer, device, dtype, arch=cls.zoo_name,

@@ -31,9 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+from vlsae.config import from_dict, to_dict
 from vlsae.errors import VlsaeError
 from vlsae.files import check_writable_dir
 from vlsae.registry import Registry
+
+from multimodal.shapesworld import ShapesWorldConfig
 
 REPORT = "training.json"
 
@@ -94,8 +97,6 @@ class ZooModel:
 def training_world(overrides: dict[str, Any] | None, model: str):
     """The ShapesWorldConfig a zoo model trains on: ShapesWorld's defaults plus ``overrides``
     (a bad key is a one-line error naming ``model``)."""
-    from multimodal.shapesworld import ShapesWorldConfig
-    from vlsae.config import from_dict
 
     return from_dict(ShapesWorldConfig, overrides, where=f"{model} world")
 
@@ -205,7 +206,6 @@ def _setting_defaults(config_class: type | None) -> dict[str, Any]:
     """Default of every training setting, as a report records it (empty without a config class)."""
     if config_class is None:
         return {}
-    from vlsae.config import to_dict
 
     return to_dict(config_class())
 

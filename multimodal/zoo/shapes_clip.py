@@ -37,7 +37,7 @@ from vlsae.config import from_dict, option, to_dict
 from vlsae.errors import VlsaeError
 
 from multimodal.quiet import quiet_root_logging
-
+from multimodal.shapesworld import POSITION_PHRASES, SYNONYMS, ShapesWorldConfig, render_tensors, vocabulary
 from multimodal.zoo import REPORT, ZooModel, register_zoo_model, training_bar, training_world
 
 ARCH = "shapes-clip"
@@ -138,7 +138,6 @@ def register_config(folder: Path) -> None:
 
 def _render(world, indices, swapped: bool = False) -> tuple[Tensor, list[str], list[dict]]:
     """uint8 images (n, 3, H, W), captions and metadata of ShapesWorld pairs."""
-    from multimodal.shapesworld import render_tensors
 
     return render_tensors(world, indices, swapped=swapped)
 
@@ -152,7 +151,6 @@ def normalise(images: Tensor) -> Tensor:
 
 def single_world(world):
     """The training world restricted to single-object scenes (for hard-negative groups)."""
-    from multimodal.shapesworld import ShapesWorldConfig
 
     return ShapesWorldConfig(**{**to_dict(world), "min_objects": 1, "max_objects": 1})
 
@@ -373,7 +371,6 @@ def train_shapes_clip(out_dir: Path, cfg: ShapesClipConfig, progress: bool = Tru
 def object_descriptions() -> list[tuple[dict[str, str], str]]:
     """Every single-object caption the vocabulary can say with all four attributes named
     (each synonym and position phrase), with the attribute values it names."""
-    from multimodal.shapesworld import POSITION_PHRASES, SYNONYMS, vocabulary
 
     vocab = vocabulary()
     out = []
@@ -399,7 +396,6 @@ def _description_tokens(tokenizer) -> Tensor:
 
 def eval_world(world):
     """The held-out split: single-object scenes (one label per attribute), no caption noise."""
-    from multimodal.shapesworld import ShapesWorldConfig
 
     return ShapesWorldConfig(**{**to_dict(world), "min_objects": 1, "max_objects": 1, "noise": 0.0,
                                 "holdout_only": False, "holdout": ()})
@@ -418,7 +414,6 @@ def zero_shot_accuracy(model, tokenizer, world, indices, batch_size: int = 256) 
     it (the other attributes are marginalised out), and the prediction is the
     most probable value. ``chance`` is the majority-class rate.
     """
-    from multimodal.shapesworld import vocabulary
 
     was_training = model.training
     model.eval()

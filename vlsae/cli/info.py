@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from vlsae.training.log import format_value
+from vlsae.training.run import describe_run
+
 HELP = "show a run's architecture, sizes, training summary and metrics"
 
 
@@ -16,8 +19,6 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from vlsae.training.log import format_value
-    from vlsae.training.run import describe_run
 
     info = describe_run(args.run)
     if args.json:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from multimodal.shapesworld import ShapesWorldConfig, write_world
+
 HELP = "generate ShapesWorld image-caption pairs with planted concepts as webdataset shards"
 
 
@@ -27,7 +29,6 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from multimodal.shapesworld import ShapesWorldConfig, write_world
 
     config = ShapesWorldConfig(seed=args.seed, image_size=args.image_size, holdout=tuple(args.holdout),
                                holdout_only=args.holdout_only, noise=args.noise, max_objects=args.max_objects,

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import yaml
 
+from vlsae.alignment import AlignedSAE, ProjectedSource, ProjectorTrainConfig, train_projector
 from vlsae.checkpoint import CONFIG, read_config
 from vlsae.config import apply_overrides, from_dict, load_yaml, option, to_dict
 from vlsae.errors import VlsaeError
@@ -112,7 +113,6 @@ def run_training(run: RunConfig, resume: bool = False) -> TrainResult:
     metadata: dict[str, Any] = {"data": to_dict(run.data)}
     projector = None
     if run.align.steps:
-        from vlsae.alignment import ProjectedSource, ProjectorTrainConfig, train_projector
         projector, align_summary = train_projector(
             source, ProjectorTrainConfig(steps=run.align.steps, batch_size=run.align.batch_size, lr=run.align.lr,
                                          seed=run.train.seed, device=run.train.device, progress=run.train.progress),
@@ -143,7 +143,6 @@ def run_training(run: RunConfig, resume: bool = False) -> TrainResult:
         _write_run_yaml(out, run)
     result = train(sae, source, run.train, out_dir=out, resume=resume, metadata=metadata, eval_source=held_out)
     if projector is not None:
-        from vlsae.alignment import AlignedSAE
         if out is not None:
             projector.save(out)
         result.sae = AlignedSAE(result.sae, projector)  # type: ignore[assignment]
