@@ -1,4 +1,4 @@
-"""Planted-feature synthetic suite (variants.md §14).
+"""Planted-feature synthetic suite: activations with known features, to score what an SAE recovers.
 
     from evals.synthetic import generate, list_suites, score_sae, run_suite
     data = generate("hierarchical", seed=0, n_train=50_000, n_test=10_000, preset="A")

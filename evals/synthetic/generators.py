@@ -1,4 +1,4 @@
-"""Seeded generators of activations with planted ground truth (design: variants.md §14).
+"""Seeded generators of activations with planted ground truth.
 
 Four suites, each a function registered by name:
 

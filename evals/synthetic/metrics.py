@@ -4,7 +4,10 @@ All functions take plain tensors: ``V`` (n_features, d) true directions,
 ``D`` (n_latents, d) learned decoder directions (any norm; rows are normalised
 here), ``H`` (n, n_features) true codes and ``Z`` (n, n_latents) learned dense
 codes (``sae.encode(x).to_dense()``). Rates are fractions in [0, 1].
-Definitions follow variants.md §14; where a metric there is ambiguous the
+MMCS and feature recovery rates follow Sharkey et al. ("Taking features out of
+superposition with sparse autoencoders", 2022); absorption follows Chanin et al.
+("A is for Absorption", 2024) and the hierarchical-tree reading of Costa et al.
+(MP-SAE, "From Flat to Hierarchical", 2025); where a metric is ambiguous the
 docstring says which reading is used.
 """
 from __future__ import annotations

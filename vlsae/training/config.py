@@ -1,7 +1,8 @@
 """The training config: how to train, kept apart from what the SAE is (its SAEConfig).
 
-Defaults follow Gao et al. (TopK) and the Anthropic April-2024 recipe where they
-agree (variants.md section 13): Adam (0.9, 0.999) with eps 6.25e-10, lr
+Defaults follow Gao et al. ("Scaling and evaluating sparse autoencoders", 2024)
+and Anthropic's April 2024 training update ("Circuits Updates - April 2024")
+where they agree: Adam (0.9, 0.999) with eps 6.25e-10, lr
 2e-4 / sqrt(n_latents / 2^14) unless set, linear warm-up, linear decay to 0 over
 the last 20%, gradient-norm clipping at 1, inputs scaled to E||x|| = sqrt(d_in),
 b_dec at the geometric median of a sample.
