@@ -1,7 +1,8 @@
 """The ``vlsae`` command line: a thin skin over the Python API.
 
 Each verb lives in its own module in this package and exposes
-``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
+``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``;
+adding a verb means adding its module (``vlsae/cli/ood.py`` is ``vlsae ood``).
 This is the one place allowed to tie every vlsae package together. User
 errors (:class:`vlsae.VlsaeError`) print one line on stderr and exit with 2;
 anything else is a bug and keeps its traceback.
@@ -11,32 +12,25 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import pkgutil
 import sys
 
 from vlsae.errors import VlsaeError
 
-# verb -> module in this package; listed here so `vlsae --help` shows the order we want.
-VERBS: dict[str, str] = {
-    "demo": "demo",
-    "synth": "synth",
-    "train": "train",
-    "info": "info",
-    "world": "world",
-    "zoo": "zoo",
-    "extract": "extract",
-    "concepts": "concepts",
-    "eval": "eval",
-}
+# The order `vlsae --help` lists verbs in; a verb module not named here (a new application's) follows them.
+ORDER = ("demo", "synth", "train", "info", "world", "zoo", "extract", "concepts", "eval")
+NOT_VERBS = {"configargs"}
 
 
 def _available_verbs() -> dict[str, object]:
+    """verb -> its module: every module of this package with ``HELP``, ``add_arguments`` and ``run``."""
+    names = [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_") and m.name not in NOT_VERBS]
+    ordered = [n for n in ORDER if n in names] + sorted(n for n in names if n not in ORDER)
     found = {}
-    for verb, module_name in VERBS.items():
-        try:
-            found[verb] = importlib.import_module(f"{__name__}.{module_name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{module_name}":
-                raise
+    for name in ordered:
+        module = importlib.import_module(f"{__name__}.{name}")
+        if all(hasattr(module, attr) for attr in ("HELP", "add_arguments", "run")):
+            found[name.replace("_", "-")] = module
     return found
 
 
