@@ -23,6 +23,14 @@ batch's already-written pairs), so with an unchanged batch size every batch
 sees exactly the inputs it saw before and the resumed cache equals an
 uninterrupted one. The key of the last written pair is checked against the
 data, so changed data is an error, not a silent mix.
+
+Failing: nothing reaches ``out`` before the first cache shard is ready (see
+:mod:`multimodal.cache_writer`), so a run that fails early leaves ``out`` as it
+was; a run that fails later leaves its finished shards, and its error says so
+and how to resume or start over. Pairs lost to damaged data shards are counted
+by the reader (:class:`multimodal.pairs.ReadStats`); more than ``max_skipped``
+of them fails the run before the cache is marked complete, and the count is
+recorded in the manifest as ``skipped``.
 """
 from __future__ import annotations
 
@@ -39,17 +47,19 @@ import torch
 
 from vlsae.config import option
 from vlsae.errors import VlsaeError
+from vlsae.files import check_writable_dir
 
 from multimodal.adapters import Adapter, create_adapter
 from multimodal.adapters.base import Extracted, dtype_name, pair_fields
 from multimodal.cache import ActivationWriter
+from multimodal.pairs import DEFAULT_MAX_SKIPPED, PairReader, ReadStats, check_max_skipped, expand_urls
 
 
 @dataclass
 class ExtractConfig:
     """Settings of ``vlsae extract``."""
 
-    model: str = option("shapes-clip", help="model adapter spec: open_clip:ARCH[:WEIGHTS], timm:NAME[:WEIGHTS], shapes-clip")
+    model: str = option("shapes-clip", help="model adapter spec, NAME or NAME:ARGUMENTS")
     data: str = option("", help="webdataset pair shards, e.g. 'DIR/{000000..000009}.tar'")
     out: str = option("", help="activation cache folder to write (resumed when unfinished)")
     hook: str = option("final", help="hook point (see --list-hooks); comma-join one per modality")
@@ -62,6 +72,8 @@ class ExtractConfig:
     workers: int = option(2, help="threads preparing batches (image transforms, tokenising) ahead of the model")
     reader_process: bool = option(False, help="read and prepare batches in a forked reader process instead of threads "
                                                "(for machines with spare cores feeding a GPU)")
+    max_skipped: float = option(DEFAULT_MAX_SKIPPED, help="largest fraction of the pairs that damaged shards may lose "
+                                                          "(corrupt records, truncated tars) before the run fails")
     overwrite: bool = option(False, help="replace an existing cache at out")
     progress: bool = option(True, help="show a progress bar")
 
@@ -83,9 +95,15 @@ class ExtractResult:
         done = self.n_pairs - self.resumed_from
         return done / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def skipped(self) -> dict[str, Any] | None:
+        """The pairs the read lost (the manifest's ``skipped``; None for records not read from shards)."""
+        return self.manifest.get("skipped")
+
     def summary(self) -> dict[str, Any]:
         return {"out": str(self.path), "pairs": self.n_pairs, "rows": self.rows, "width": self.width,
-                "resumed_from": self.resumed_from, "seconds": round(self.seconds, 2),
+                "skipped": (self.skipped or {}).get("pairs"), "resumed_from": self.resumed_from,
+                "seconds": round(self.seconds, 2),
                 "forward_seconds": round(self.forward_seconds, 2), "batches": self.batches,
                 "pairs_per_s": round(self.pairs_per_second, 1)}
 
@@ -173,23 +191,37 @@ class _ReadFailure:
     error: BaseException
 
 
+@dataclass
+class _ReadReport:
+    """The reader process's read statistics, sent after its last batch (the main process's copy saw nothing)."""
+
+    stats: ReadStats
+
+
+class _DataMismatch(VlsaeError):
+    """The data differ from what the unfinished cache was extracted from (the message says what to do)."""
+
+
 class _PreparedBatches(torch.utils.data.IterableDataset):
     """Batches of records, prepared by a thread pool, in order: the reader's work, in this
     process or in a reader process (``carry_errors``: an error becomes a :class:`_ReadFailure`
     item, since a DataLoader worker would wrap it in a multi-line traceback)."""
 
     def __init__(self, batches: Callable[[], Iterator[list[Any]]], prepare: Callable[[list[Any]], Any], workers: int,
-                 carry_errors: bool = False):
+                 carry_errors: bool = False, reads: ReadStats | None = None):
         self.batches = batches
         self.prepare = prepare
         self.workers = workers
         self.carry_errors = carry_errors
+        self.reads = reads  # sent after the last batch (carry_errors: the reader process's copy)
 
     def __iter__(self) -> Iterator[Any]:
         prefetch = _Prefetcher(self.batches(), self.prepare, workers=self.workers, depth=self.workers + 2)
         try:
             for _, prepared in prefetch:
                 yield prepared
+            if self.carry_errors and self.reads is not None:
+                yield _ReadReport(self.reads)
         except Exception as exc:  # noqa: BLE001 - every reading error is the caller's to see
             if not self.carry_errors:
                 raise
@@ -209,8 +241,11 @@ def _picklable(exc: BaseException) -> BaseException:
 
 
 def _prepared_stream(batches: Callable[[], Iterator[list[Any]]], prepare: Callable[[list[Any]], Any], workers: int,
-                     in_process: bool) -> Iterator[Any]:
-    """Prepared batches in order, from a forked reader process (or, with ``in_process``, from threads here)."""
+                     in_process: bool, reads: ReadStats | None = None) -> Iterator[Any]:
+    """Prepared batches in order, from a forked reader process (or, with ``in_process``, from threads here).
+
+    ``reads``, the statistics the records' reader fills, ends up holding the reader process's counts.
+    """
     import multiprocessing
 
     if in_process or "fork" not in multiprocessing.get_all_start_methods():  # no fork (Windows): threads here
@@ -218,12 +253,16 @@ def _prepared_stream(batches: Callable[[], Iterator[list[Any]]], prepare: Callab
         return
     from torch.utils.data import DataLoader
 
-    items = iter(DataLoader(_PreparedBatches(batches, prepare, workers, carry_errors=True), batch_size=None,
+    items = iter(DataLoader(_PreparedBatches(batches, prepare, workers, carry_errors=True, reads=reads), batch_size=None,
                             num_workers=1, multiprocessing_context="fork", prefetch_factor=max(2, workers + 2)))
     try:
         for item in items:
             if isinstance(item, _ReadFailure):
                 raise item.error
+            if isinstance(item, _ReadReport):
+                if reads is not None:
+                    reads.absorb(item.stats)
+                continue
             yield item
     finally:
         getattr(items, "_shutdown_workers", lambda: None)()
@@ -232,12 +271,17 @@ def _prepared_stream(batches: Callable[[], Iterator[list[Any]]], prepare: Callab
 def extract_pairs(adapter: Adapter, records: Iterable[Any], out: str | Path, hook: str = "final", tokens: str = "cls",
                   batch_size: int = 64, shard_rows: int = 50_000, limit: int | None = None, overwrite: bool = False,
                   workers: int = 2, progress: bool = True, data: str = "",
-                  info: dict[str, Any] | None = None, reader_process: bool = False) -> ExtractResult:
+                  info: dict[str, Any] | None = None, reader_process: bool = False,
+                  reads: ReadStats | None = None) -> ExtractResult:
     """Run ``adapter`` over ``records`` (pair records in a fixed order) into the cache folder ``out``.
 
     ``data`` names the records' source in the manifest (it must match to resume).
     ``reader_process`` reads and prepares batches in a forked process (see the
-    module docstring); ``records`` is then iterated there, not here.
+    module docstring); ``records`` is then iterated there, not here. ``reads`` is
+    the :class:`~multimodal.pairs.ReadStats` the records' reader fills: its
+    policy is checked before the cache is marked complete and its summary is
+    the manifest's ``skipped``. A one-line error after finished shards were
+    written says how to resume or start over.
     """
     if batch_size < 1:
         raise VlsaeError(f"batch size must be at least 1, got {batch_size}")
@@ -255,6 +299,24 @@ def extract_pairs(adapter: Adapter, records: Iterable[Any], out: str | Path, hoo
     if limit is not None and done >= limit:
         manifest = writer.close()
         return _result(writer, manifest, done, 0.0, 0.0, 0)
+    try:
+        return _run(adapter, records, writer, hook, tokens, modalities, batch_size, limit, workers, progress, data,
+                    reader_process, reads)
+    except _DataMismatch:
+        raise
+    except VlsaeError as exc:
+        hint = writer.resume_hint()
+        if hint is None:
+            raise
+        raise VlsaeError(f"{exc}; {hint}") from None
+
+
+def _run(adapter: Adapter, records: Iterable[Any], writer: ActivationWriter, hook: str, tokens: str,
+         modalities: list[str], batch_size: int, limit: int | None, workers: int, progress: bool, data: str,
+         reader_process: bool, reads: ReadStats | None) -> ExtractResult:
+    """The streaming part of :func:`extract_pairs`: records -> batches -> forward -> writer."""
+    out = writer.path
+    done = writer.resume_position
     aligned = (done // batch_size) * batch_size
     drop = done - aligned
     expected_key = writer.last_key
@@ -262,17 +324,17 @@ def extract_pairs(adapter: Adapter, records: Iterable[Any], out: str | Path, hoo
     def positioned() -> Iterator[Any]:
         """Records from position ``aligned`` on (the skipped ones are read, not prepared)."""
         position = -1
-        for position, record in enumerate(records):
-            if limit is not None and position >= limit:
-                return
+        # islice stops at the limit without reading one record more (the read statistics count what was read)
+        for position, record in enumerate(records if limit is None else itertools.islice(records, limit)):
             if position == done - 1 and expected_key is not None and str(pair_fields(record)[0]) != expected_key:
-                raise VlsaeError(f"the data changed since the interrupted extraction into {out}: pair {position} is "
-                                 f"'{pair_fields(record)[0]}', the cache has '{expected_key}'; use the same --data or --overwrite")
+                raise _DataMismatch(f"the data changed since the interrupted extraction into {out}: pair {position} is "
+                                    f"'{pair_fields(record)[0]}', the cache has '{expected_key}'; use the same --data or "
+                                    f"--overwrite")
             if position >= aligned:
                 yield record
         if position < done - 1:
-            raise VlsaeError(f"the data has {position + 1} pairs but the unfinished cache {out} already holds {done}; "
-                             f"use the same --data or --overwrite")
+            raise _DataMismatch(f"the data has {position + 1} pairs but the unfinished cache {out} already holds {done}; "
+                                f"use the same --data or --overwrite")
 
     started = time.perf_counter()
     forward_seconds = 0.0
@@ -285,7 +347,7 @@ def extract_pairs(adapter: Adapter, records: Iterable[Any], out: str | Path, hoo
                    disable=None, leave=False)
     stream = _prepared_stream(lambda: _batched(positioned(), batch_size),
                               lambda batch: adapter.prepare(batch, modalities=modalities), workers=workers,
-                              in_process=not reader_process)
+                              in_process=not reader_process, reads=reads)
     try:
         for prepared in stream:
             tick = time.perf_counter()
@@ -301,9 +363,11 @@ def extract_pairs(adapter: Adapter, records: Iterable[Any], out: str | Path, hoo
         stream.close()
         if bar is not None:
             bar.close()
-    if writer.resume_position == 0 and not writer._pending_keys:
+    if writer.resume_position == 0 and not writer.pending_pairs:
         raise VlsaeError(f"no pairs to extract from {data or 'the records given'}; check --data")
-    manifest = writer.close()
+    if reads is not None:
+        reads.check()  # the reader checks at its end too; a --limit stops it before that
+    manifest = writer.close(extra=None if reads is None else {"skipped": reads.summary()})
     return _result(writer, manifest, done, time.perf_counter() - started, forward_seconds, n_batches)
 
 
@@ -315,20 +379,25 @@ def _result(writer: ActivationWriter, manifest: dict[str, Any], resumed_from: in
 
 
 def extract(config: ExtractConfig, adapter: Adapter | None = None) -> ExtractResult:
-    """``vlsae extract``: read ``config.data`` with the pair reader, write the cache at ``config.out``."""
+    """``vlsae extract``: read ``config.data`` with the pair reader, write the cache at ``config.out``.
+
+    The cheap checks (flags, shards present, ``--out`` writable) come before the
+    model is loaded, so a typo costs a second, not a model download.
+    """
     if not config.data:
         raise VlsaeError("no --data given; pass webdataset shards, e.g. --data 'DIR/{000000..000009}.tar'")
     if not config.out:
         raise VlsaeError("no --out given; pass the activation cache folder to write")
+    check_writable_dir(config.out, flag="--out")
+    check_max_skipped(config.max_skipped)
+    urls = expand_urls(config.data)
     if adapter is None:
         adapter = create_adapter(config.model, device=config.device, dtype=config.dtype)
-    from multimodal.pairs import iter_pairs
-
     # a text-only hook reads caption-only shards too (prompt lists for diffusion text encoders)
-    records = iter_pairs(config.data, require_image="image" in adapter.parse_hook(config.hook))
-    return extract_pairs(adapter, records, config.out, hook=config.hook, tokens=config.tokens,
+    reader = PairReader(urls, require_image="image" in adapter.parse_hook(config.hook), max_skipped=config.max_skipped)
+    return extract_pairs(adapter, reader, config.out, hook=config.hook, tokens=config.tokens,
                          batch_size=config.batch_size, shard_rows=config.shard_rows, limit=config.limit,
                          overwrite=config.overwrite, workers=config.workers, progress=config.progress,
-                         reader_process=config.reader_process,
+                         reader_process=config.reader_process, reads=reader.stats,
                          data=config.data, info={"batch_size": config.batch_size, "device": str(adapter.device),
                                                  "compute_dtype": dtype_name(adapter.dtype)})

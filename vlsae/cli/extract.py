@@ -3,42 +3,58 @@
 All the work is :func:`multimodal.extract.extract`; this module parses the
 arguments into an :class:`~multimodal.extract.ExtractConfig` and prints the
 result. ``--list-hooks`` prints the hook points of ``--model`` with their
-modalities and widths instead.
+modalities and widths instead. Every flag's default is the config field's
+default, and its help says what it is.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from vlsae.config import field_help
+
+from multimodal.adapters import create_adapter, get_adapter_class, list_adapters
+from multimodal.extract import ExtractConfig, extract
 
 HELP = "extract activations of a model (CLIP, timm, ...) on image-caption shards into an activation cache"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from multimodal.extract import ExtractConfig
+def model_kinds() -> str:
+    """Every registered adapter's spec form, for the --model help."""
+    return ", ".join(get_adapter_class(name)[0].usage for name in list_adapters())
 
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     h = field_help(ExtractConfig)
-    parser.add_argument("--model", default="shapes-clip", metavar="SPEC", help=h["model"] + " (default: shapes-clip)")
-    parser.add_argument("--data", default="", help=h["data"])
-    parser.add_argument("--out", default="", metavar="ACTS", help=h["out"])
-    parser.add_argument("--hook", default="final", help=h["hook"] + " (default: final)")
-    parser.add_argument("--tokens", default="cls", choices=["cls", "patch", "all", "mean"], help=h["tokens"])
-    parser.add_argument("--batch-size", type=int, default=64, help=h["batch_size"] + " (default: 64)")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help=h["dtype"])
-    parser.add_argument("--device", default="auto", help=h["device"])
-    parser.add_argument("--shard-rows", type=int, default=50_000, help=h["shard_rows"] + " (default: 50000)")
-    parser.add_argument("--limit", type=int, default=None, help=h["limit"])
-    parser.add_argument("--workers", type=int, default=2, help=h["workers"] + " (default: 2)")
-    parser.add_argument("--reader-process", action="store_true", help=h["reader_process"])
-    parser.add_argument("--overwrite", action="store_true", help=h["overwrite"])
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--list-hooks", action="store_true", help="print the hook points of --model and exit")
+    default = {f.name: f.default for f in dataclasses.fields(ExtractConfig)}
+
+    def add(flag: str, name: str, shown: str | None = None, **kw: object) -> None:
+        """A flag whose default is the config's, stated at the end of its help."""
+        text = shown if shown is not None else str(default[name])
+        help_text = f"{h[name]} (default: {text})".replace("%", "%%")  # argparse formats help with %
+        parser.add_argument(flag, default=default[name], help=help_text, **kw)
+
+    parser.add_argument("--model", default=default["model"], metavar="SPEC",
+                        help=f"{h['model']}; one of: {model_kinds()} (default: {default['model']})")
+    add("--data", "data", shown="none, required")
+    add("--out", "out", shown="none, required", metavar="ACTS")
+    add("--hook", "hook")
+    add("--tokens", "tokens", choices=["cls", "patch", "all", "mean"])
+    add("--batch-size", "batch_size", type=int)
+    add("--dtype", "dtype", choices=["fp32", "bf16", "fp16"])
+    add("--device", "device")
+    add("--shard-rows", "shard_rows", type=int)
+    add("--limit", "limit", shown="None", type=int)
+    add("--max-skipped", "max_skipped", shown=f"{default['max_skipped']:g}, 1 %", type=float, metavar="FRACTION")
+    add("--workers", "workers", type=int)
+    add("--reader-process", "reader_process", shown="off: threads", action="store_true")
+    add("--overwrite", "overwrite", shown="off", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: off, a bar is shown)")
+    parser.add_argument("--list-hooks", action="store_true",
+                        help="print the hook points of --model and exit (default: off)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from multimodal.adapters import create_adapter
-    from multimodal.extract import ExtractConfig, extract
-
     if args.list_hooks:
         adapter = create_adapter(args.model, device=args.device, dtype=args.dtype)
         print(f"hook points of {args.model} (join one per modality with a comma):")
@@ -51,10 +67,14 @@ def run(args: argparse.Namespace) -> int:
     config = ExtractConfig(model=args.model, data=args.data, out=args.out, hook=args.hook, tokens=args.tokens,
                            batch_size=args.batch_size, dtype=args.dtype, device=args.device,
                            shard_rows=args.shard_rows, limit=args.limit, workers=args.workers,
-                           reader_process=args.reader_process, overwrite=args.overwrite, progress=not args.no_progress)
+                           reader_process=args.reader_process, max_skipped=args.max_skipped,
+                           overwrite=args.overwrite, progress=not args.no_progress)
     result = extract(config)
     resumed = f", resumed after {result.resumed_from}" if result.resumed_from else ""
     rows = ", ".join(f"{m} {n} x {result.width[m]}" for m, n in result.rows.items())
+    skipped = result.skipped or {}
+    lost = (f"; skipped {'at least ' if skipped.get('lower_bound') else ''}{skipped['pairs']} pairs "
+            f"({skipped['fraction']:.1%}) of damaged shards") if skipped.get("pairs") else ""
     print(f"wrote {result.path}: {result.n_pairs} pairs ({rows}){resumed}; "
-          f"{result.seconds:.1f} s, {result.pairs_per_second:.0f} pairs/s")
+          f"{result.seconds:.1f} s, {result.pairs_per_second:.0f} pairs/s{lost}")
     return 0
