@@ -22,7 +22,7 @@ from PIL import Image
 from multimodal.adapters import Adapter
 from multimodal.cache import ActivationCache
 from multimodal.extract import extract_pairs
-from multimodal.pairs import iter_pairs
+from multimodal.pairs import ReadStats, iter_pairs
 from vlsae.errors import VlsaeError
 
 
@@ -45,23 +45,26 @@ def _noted(records: Iterable[Any], notes: list[tuple[str, str, dict[str, Any]]])
 
 def extract_pair_activations(adapter: Adapter, records: Iterable[Any], folder: str | Path | None = None,
                              hook: str = "final", tokens: str = "cls", batch_size: int = 64, limit: int = 2000,
-                             progress: bool = True, data: str = "") -> PairActivations:
+                             progress: bool = True, data: str = "", reads: ReadStats | None = None) -> PairActivations:
     """Run ``adapter`` over up to ``limit`` pair records (objects with key, image, caption, meta).
 
     The cache goes to ``folder`` (replaced if present), or to a temporary folder
     removed afterwards when ``folder`` is None. ``tokens`` must give one row per
     pair (cls or mean): concept statistics pair an image row with its caption row.
+    ``reads``: the stats of the reader behind ``records``, whose lost-pair policy
+    is checked before the pairs are used (:class:`multimodal.pairs.ReadStats`).
     """
     if tokens not in ("cls", "mean"):
         raise VlsaeError("concept reports need one row per pair and modality: use --tokens cls or mean")
     if folder is None:
         with tempfile.TemporaryDirectory(prefix="vlsae-pairs-") as tmp:
             return extract_pair_activations(adapter, records, Path(tmp) / "acts", hook=hook, tokens=tokens,
-                                            batch_size=batch_size, limit=limit, progress=progress, data=data)
+                                            batch_size=batch_size, limit=limit, progress=progress, data=data,
+                                            reads=reads)
     notes: list[tuple[str, str, dict[str, Any]]] = []
     # reader_process stays False: the records are read by a thread of this process, so ``notes`` fills here
     extract_pairs(adapter, _noted(records, notes), folder, hook=hook, tokens=tokens, batch_size=batch_size,
-                  limit=limit, overwrite=True, progress=progress, data=data, reader_process=False)
+                  limit=limit, overwrite=True, progress=progress, data=data, reader_process=False, reads=reads)
     cache = ActivationCache(folder)
     keys = cache.keys()
     noted = notes[:len(keys)]  # the reader may have pulled one record past the limit

@@ -33,7 +33,7 @@ from evals.concepts.html import (
 from evals.concepts.pairs import PairActivations, extract_pair_activations, read_images
 from evals.concepts.probes import planted_probe
 from multimodal.adapters import create_adapter
-from multimodal.pairs import iter_pairs
+from multimodal.pairs import DEFAULT_MAX_SKIPPED, PairReader, check_max_skipped
 from vlsae.alignment import AlignedSAE
 from vlsae.checkpoint import load_sae
 from vlsae.concepts import ConceptSummary, summarize_concepts
@@ -86,13 +86,15 @@ def write_report(folder: Path, title: str, summary: ConceptSummary, pairs: PairA
 
 def concepts_report(sae_path: str | Path, data: str, model: str, out: str | Path, hook: str = "final", tokens: str = "cls",
                     limit: int = 2000, batch_size: int = 64, device: str = "auto", n_cards: int = 24,
-                    overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+                    overwrite: bool = False, progress: bool = True,
+                    max_skipped: float = DEFAULT_MAX_SKIPPED) -> dict[str, Any]:
     """The whole ``vlsae concepts`` job; returns the report's summary (as in summary.json) and ``index``.
 
     ``out`` is checked before the SAE or the model is loaded, so a bad folder
     costs one line, not a model load and an extraction.
     """
     out = check_writable_dir(out)
+    check_max_skipped(max_skipped)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise VlsaeError(f"{out} is not empty; choose another --out or pass --overwrite")
     sae = load_sae(sae_path)
@@ -102,8 +104,10 @@ def concepts_report(sae_path: str | Path, data: str, model: str, out: str | Path
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     try:
-        pairs = extract_pair_activations(adapter, iter_pairs(data), staging / "acts", hook=hook, tokens=tokens,
-                                         batch_size=batch_size, limit=limit, progress=progress, data=str(data))
+        reader = PairReader(data, max_skipped=max_skipped)
+        pairs = extract_pair_activations(adapter, reader, staging / "acts", hook=hook, tokens=tokens,
+                                         batch_size=batch_size, limit=limit, progress=progress, data=str(data),
+                                         reads=reader.stats)
         shutil.rmtree(staging / "acts")  # read into memory; the report does not ship activations
         check_widths(sae, pairs, model, hook)
         summary = summarize_concepts(sae, pairs.acts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from multimodal.pairs import DEFAULT_MAX_SKIPPED
 from vlsae.config import option
 
 from evals.concepts import concepts_report
@@ -23,6 +24,7 @@ class ConceptsConfig:
     batch_size: int = option(64, help="pairs per forward pass of the model")
     device: str = option("auto", help="device for the model: auto, cpu, cuda or cuda:N")
     cards: int = option(24, help="concept cards in the report")
+    max_skipped: float = option(DEFAULT_MAX_SKIPPED, help="largest fraction of the pairs damaged shards may lose before the report refuses")
     overwrite: bool = option(False, help="replace a non-empty out folder")
     progress: bool = option(True, help="progress bars")
 
@@ -37,7 +39,7 @@ class ConceptsTask(Task):
         return concepts_report(config.sae, config.data, config.model, config.out, hook=config.hook,
                                tokens=config.tokens, limit=config.limit, batch_size=config.batch_size,
                                device=config.device, n_cards=config.cards, overwrite=config.overwrite,
-                               progress=config.progress)
+                               progress=config.progress, max_skipped=config.max_skipped)
 
     @classmethod
     def describe(cls, result: dict[str, Any]) -> list[str]:

@@ -147,3 +147,22 @@ def test_an_unwritable_out_is_one_line_before_anything_loads(tmp_path, capsys):
                  "--model", "no-such-model", "--out", "/proc/vlsae-x", "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--out /proc/vlsae-x is not writable" in err
+
+
+def test_a_truncated_shard_is_refused_under_the_read_policy(setup, tmp_path, capsys):
+    """The concept report reads shards under the same lost-pair policy as vlsae extract."""
+    import shutil
+
+    root, spec, _ = setup
+    world = tmp_path / "world"
+    shutil.copytree(root / "world", world)
+    shard = world / "000000.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:len(data) // 2 + 100])  # cut mid-member: about half of that shard's pairs lost
+    argv = ["concepts", "--sae", str(root / "sae"), "--data", str(world), "--model", spec, "--limit", "48", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "000000.tar" in err and "--max-skipped" in err
+    assert not (tmp_path / "report").exists()
+    assert main([*argv, "--out", str(tmp_path / "report2"), "--max-skipped", "0.6"]) == 0
+    assert (tmp_path / "report2" / "index.html").is_file()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from evals.tasks import run_task
+from multimodal.pairs import DEFAULT_MAX_SKIPPED
 from evals.tasks.concepts import ConceptsConfig, ConceptsTask
 
 HELP = "what each latent means: concept cards, modality scores, planted-concept matrix (HTML report)"
@@ -28,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="pairs per forward pass of the model (default: 64)")
     parser.add_argument("--device", default="auto", help="device for the model: auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--cards", type=int, default=24, help="concept cards in the report (default: 24)")
+    parser.add_argument("--max-skipped", type=float, default=DEFAULT_MAX_SKIPPED, metavar="FRACTION",
+                        help=f"largest fraction of the pairs damaged shards may lose before the report refuses (default: {DEFAULT_MAX_SKIPPED})")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder (default: off)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (default: off, bars shown)")
 
@@ -35,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config = ConceptsConfig(sae=args.sae, data=args.data, model=args.model, out=args.out, hook=args.hook,
                             tokens=args.tokens, limit=args.limit, batch_size=args.batch_size, device=args.device,
-                            cards=args.cards, overwrite=args.overwrite, progress=not args.quiet)
+                            cards=args.cards, overwrite=args.overwrite, progress=not args.quiet,
+                            max_skipped=args.max_skipped)
     for line in ConceptsTask.describe(run_task("concepts", config)):
         print(line)
     return 0
