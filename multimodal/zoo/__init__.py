@@ -33,7 +33,7 @@ from typing import Any, Callable, ClassVar
 
 from vlsae.config import from_dict, to_dict
 from vlsae.errors import VlsaeError
-from vlsae.files import check_writable_dir
+from vlsae.files import check_writable_dir, replace_dir
 from vlsae.registry import Registry
 
 from multimodal.shapesworld import ShapesWorldConfig
@@ -267,9 +267,7 @@ def ship_model(name: str, source: str | Path | None = None, dest: str | Path | N
         for rel_name, text in cls.ship_extras(src).items():
             (tmp / rel_name).write_text(text)
         os.chmod(tmp, 0o755)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -310,14 +308,7 @@ def train_model(name: str, overrides: dict[str, Any] | None = None, out: str | P
         report = {"name": cls.name, "seconds": round(seconds, 1), **report}
         (tmp / REPORT).write_text(json.dumps(report, indent=1))
         os.chmod(tmp, 0o755)
-        old = target.with_name(f".{target.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old.exists():
-            shutil.rmtree(old)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
