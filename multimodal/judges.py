@@ -20,7 +20,6 @@ experiments use the judges without importing a training recipe.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Protocol, Sequence
 
 import torch
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from multimodal.shapesworld import RGB, ShapesWorldConfig, render_tensors, vocabulary
-from multimodal.zoo import load_model
+from multimodal.zoo import cosine_lr, load_model
 from multimodal.zoo.shapes_clip import normalise, object_descriptions
 
 #: ShapesWorld indices from here on are the real reference renders judged beside generated images;
@@ -41,18 +40,6 @@ class Judge(Protocol):
     """Anything that reads attributes of uint8 images (n, 3, H, W): attribute -> value per image."""
 
     def classify(self, images: Tensor) -> dict[str, list[str]]: ...
-
-
-def cosine_lr(step: int, total: int, peak: float, warmup: int = 0) -> float:
-    """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine decay to 0 at ``total``.
-
-    The schedule of the CNN judge and of the shapes-diffusion recipe (which
-    imports it from here, as this module may not import a zoo recipe).
-    """
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def pixel_colours(images: Tensor, radius: float = 60.0) -> list[str | None]:

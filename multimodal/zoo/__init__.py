@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -108,6 +109,15 @@ def training_bar(total: int, desc: str, progress: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="step", leave=False, disable=None)
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int = 0) -> float:
+    """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine decay to 0 at ``total``:
+    the learning-rate schedule of every zoo recipe and of the CNN judge."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 ZOO: Registry[type[ZooModel]] = Registry("zoo model", packages=[__name__], skip=("shipped",))

@@ -38,7 +38,7 @@ from vlsae.errors import VlsaeError
 
 from multimodal.quiet import quiet_root_logging
 from multimodal.shapesworld import POSITION_PHRASES, SYNONYMS, ShapesWorldConfig, render_tensors, vocabulary
-from multimodal.zoo import REPORT, ZooModel, register_zoo_model, training_bar, training_world
+from multimodal.zoo import REPORT, ZooModel, cosine_lr, register_zoo_model, training_bar, training_world
 
 ARCH = "shapes-clip"
 WEIGHTS = "open_clip_model.safetensors"
@@ -202,13 +202,6 @@ def contrastive_loss(image: Tensor, text: Tensor, ids: Tensor, logit_scale: Tens
     return 0.5 * (image_to_text + text_to_image)
 
 
-def _lr_at(step: int, cfg: ShapesClipConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 @dataclass
 class TrainingPairs:
     """What a contrastive zoo model trains on: rendered pairs and the hard-negative groups among them."""
@@ -277,7 +270,7 @@ def contrastive_steps(model, pairs: TrainingPairs, ids: Tensor, text_embeddings,
             batch = torch.cat([batch, sample_groups(pairs.groups, pairs.n_hard // cfg.group_size, cfg.group_size, generator)])
         captions = torch.cat([batch, negatives])
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, cfg)
+            group["lr"] = cosine_lr(step, cfg.steps, cfg.lr, warmup=cfg.warmup)
         image_emb = model.encode_image(normalise(pairs.images[batch]), normalize=True)
         loss = contrastive_loss(image_emb, text_embeddings(captions), ids[captions], model.logit_scale)
         optimizer.zero_grad(set_to_none=True)

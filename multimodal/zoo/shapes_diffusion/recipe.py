@@ -28,8 +28,7 @@ from vlsae.config import to_dict
 from vlsae.errors import VlsaeError
 
 from multimodal.generation import tokenize
-from multimodal.judges import cosine_lr
-from multimodal.zoo import training_bar
+from multimodal.zoo import cosine_lr, training_bar
 from multimodal.zoo.shapes_diffusion.build import assemble, build_parts, quiet_loading, shapes_clip_text_encoder
 from multimodal.zoo.shapes_diffusion.config import ShapesDiffusionConfig, render, world_config
 from multimodal.zoo.shapes_diffusion.evaluation import evaluate_pipeline

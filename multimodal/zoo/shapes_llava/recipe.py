@@ -14,7 +14,6 @@ Only ``vlsae zoo train shapes-llava`` runs this.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -28,21 +27,13 @@ from vlsae.errors import VlsaeError
 
 from multimodal.quiet import quiet_transformers
 from multimodal.shapesworld import POSITIONS, SIZES, vocabulary
-from multimodal.zoo import training_bar, training_world
+from multimodal.zoo import cosine_lr, training_bar, training_world
 from multimodal.zoo.shapes_llava.build import build_model, build_processor, build_tokenizer, normalise, split_words
 from multimodal.zoo.shapes_llava.config import (DESCRIBE_PROMPT, EOS, NAME, PROMPTS_FILE, UNK, ShapesLlavaConfig,
                                                 prompts_record)
 from multimodal.zoo.shapes_llava.data import (batch_sequences, encode_texts, make_question, reading_order_caption,
                                               render)
 from multimodal.zoo.shapes_llava.evaluation import evaluate
-
-
-def _lr_at(step: int, steps: int, warmup: int, lr: float) -> float:
-    """Linear warm-up to ``lr``, then cosine decay to 0 at ``steps``."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def patch_targets(metas: list[dict], image_size: int, patch_size: int) -> Tensor:
@@ -124,7 +115,7 @@ def pretrain_vision(model: Any, images: Tensor, metas: list[dict], cfg: ShapesLl
     for step in range(cfg.vision_steps):
         batch = torch.randint(images.shape[0], (cfg.vision_batch,), generator=generator)
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, cfg.vision_steps, min(cfg.warmup, cfg.vision_steps // 4), cfg.vision_lr)
+            group["lr"] = cosine_lr(step, cfg.vision_steps, cfg.vision_lr, warmup=min(cfg.warmup, cfg.vision_steps // 4))
         tokens = model.model.multi_modal_projector(image_features(model, normalise(images[batch])))
         cls, patches = tokens[:, 0], tokens[:, 1:]
         seen = targets[batch]
@@ -186,7 +177,7 @@ def train_shapes_llava(out_dir: Path, cfg: ShapesLlavaConfig, progress: bool = T
         chosen = order[cursor: cursor + per_step]
         cursor += per_step
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, cfg.steps, cfg.warmup, cfg.lr)
+            group["lr"] = cosine_lr(step, cfg.steps, cfg.lr, warmup=cfg.warmup)
         optimizer.zero_grad(set_to_none=True)
         tasks = []
         if cfg.describe_batch:
