@@ -54,7 +54,9 @@ class ActivationCache:
     >>> next(cache.batches(256, seed=0))["image"].shape    # (256, 64), rows aligned with ["text"]
     >>> ActivationCache("acts", modality="image").d_in     # 64: plain tensor batches
 
-    modality:    one modality: plain (rows, width) tensors, every row of that modality.
+    modality:    one modality: plain (rows, width) tensors, every row of that modality; modalities
+                 joined by ``+`` (``image+text``) pool their rows into one stream (one width), for a
+                 single-stream SAE over image and text tokens together (SAE-V).
     modalities:  a subset of modalities: dict batches (each must have one row per pair).
     dtype:       dtype of the returned batches (the cache may store bf16/fp16).
     buffer_rows: shuffle-buffer size in rows; memory is about this many rows.
@@ -70,7 +72,8 @@ class ActivationCache:
         available = list(self.manifest["modalities"])
         if modality is not None and modalities is not None:
             raise VlsaeError("pass modality= (one, plain tensors) or modalities= (several, dict batches), not both")
-        chosen = [modality] if modality is not None else list(modalities or available)
+        pooled = modality.split("+") if modality is not None and "+" in modality else None
+        chosen = pooled or ([modality] if modality is not None else list(modalities or available))
         for m in chosen:
             if m not in available:
                 raise VlsaeError(f"activation cache {self.path} has no modality '{m}'; it has {', '.join(available)}")
@@ -78,6 +81,10 @@ class ActivationCache:
             raise VlsaeError("select at least one modality")
         self.modalities = chosen
         self.single = modality is not None or len(chosen) == 1
+        self.pooled = pooled is not None
+        if self.pooled and len({int(self.manifest["width"][m]) for m in chosen}) != 1:
+            raise VlsaeError(f"modality '{modality}' pools rows of different widths ({self.manifest['width']}); "
+                             f"pooled modalities must share one width")
         self.dtype = dtype
         self.buffer_rows = max(1, int(buffer_rows))
         if self.manifest["dtype"] not in DTYPES:
@@ -96,7 +103,8 @@ class ActivationCache:
                 raise VlsaeError(f"activation cache {self.path} has several {multi[0]} rows per pair (tokens="
                                  f"{self.manifest.get('tokens')}); paired batches need one row per pair, "
                                  f"so select one modality (modality='{multi[0]}')")
-        self._shard_rows = [s.rows[chosen[0]] if self.single else s.pairs for s in self.shards]
+        self._shard_rows = [sum(s.rows[m] for m in chosen) if self.pooled else s.rows[chosen[0]] if self.single
+                            else s.pairs for s in self.shards]
 
     # -- protocol -----------------------------------------------------------------
     @property
@@ -125,6 +133,9 @@ class ActivationCache:
         return data
 
     def _pack(self, data: dict[str, Tensor], index: Tensor | None = None) -> Tensor | dict[str, Tensor]:
+        if self.pooled:  # one stream: the rows of every pooled modality, in modality order
+            rows = torch.cat([data[m] for m in self.modalities])
+            return (rows if index is None else rows[index]).to(self.dtype)
         out = {m: (t if index is None else t[index]).to(self.dtype) for m, t in data.items()}
         return out[self.modalities[0]] if self.single else out
 
