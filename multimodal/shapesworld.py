@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from PIL import Image, ImageDraw
 
 from vlsae.config import option, to_dict
 from vlsae.errors import VlsaeError
-from vlsae.files import atomic_write_text, check_writable_dir
+from vlsae.files import atomic_output, atomic_write_text, check_writable_dir
 
 SHAPE_FAMILIES: dict[str, tuple[str, ...]] = {
     "round": ("circle", "ellipse", "ring"),
@@ -439,9 +438,8 @@ def _write_shard(args: tuple[dict[str, Any], str, int, int]) -> dict[str, Any]:
     config_dict, path, start, stop = args
     import webdataset as wds
     config = ShapesWorldConfig(**config_dict)
-    tmp = path + ".tmp"
     counts: dict[str, dict[str, int]] = {a: {} for a in ("shape", "colour", "size", "position", "texture", "corruption")}
-    with open(tmp, "wb") as stream:
+    with atomic_output(path) as tmp, open(tmp, "wb") as stream:
         writer = wds.TarWriter(stream)
         for index in range(start, stop):
             sample = render_sample(config, index)
@@ -455,7 +453,6 @@ def _write_shard(args: tuple[dict[str, Any], str, int, int]) -> dict[str, Any]:
                 kind = sample.meta["corruption"]
                 counts["corruption"][kind] = counts["corruption"].get(kind, 0) + 1
         writer.close()
-    os.replace(tmp, path)
     return counts
 
 

@@ -9,12 +9,13 @@ minute of training.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -25,19 +26,28 @@ from vlsae.errors import VlsaeError
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".ckpt"}
 
 
-def _atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temporary sibling of ``path``, then rename it into place."""
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """``with atomic_output(path) as tmp:`` write ``tmp`` (a temporary sibling); on a clean exit it is
+    renamed to ``path``, on an exception removed, so ``path`` is either the old file or the whole new one.
+    For writers that stream into a file (tar shards, tensors) rather than hand over bytes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        write(tmp)
+        yield Path(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` on a temporary sibling of ``path``, then rename it into place."""
+    with atomic_output(path) as tmp:
+        write(str(tmp))
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
