@@ -98,7 +98,7 @@ def _chunks(paths: list[Path]) -> Iterator[np.ndarray]:
 
 def sortable(scores: np.ndarray) -> np.ndarray:
     """uint64 keys that order like the float64 scores (-inf lowest, +inf highest)."""
-    bits = np.ascontiguousarray(scores, dtype=np.float64).view(np.uint64)
+    bits = (np.ascontiguousarray(scores, dtype=np.float64) + 0.0).view(np.uint64)  # -0.0 + 0.0 is 0.0: one zero
     negative = (bits >> np.uint64(63)).astype(bool)
     return np.where(negative, ~bits, bits | np.uint64(1 << 63))
 
