@@ -81,3 +81,21 @@ def test_integer_activations_train_with_a_notice(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "notice" in err and "int32" in err and "float32" in err
     assert (out / "sae.safetensors").is_file()
+
+
+def test_zoo_list_name_shows_that_model_only(capsys):
+    assert main(["zoo", "list", "shapes-diffusion"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shapes-diffusion")
+    assert main(["zoo", "list", "shapes-clipp"]) == 2
+    assert "did you mean 'shapes-clip'" in capsys.readouterr().err
+
+
+def test_zoo_actions_have_their_own_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["zoo", "train", "--help"])
+    train_help = capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["zoo", "list", "--help"])
+    list_help = capsys.readouterr().out
+    assert "--set" in train_help and "--set" not in list_help
