@@ -59,6 +59,8 @@ class ZeroShotHead:
                   of that attribute; it still takes part in the softmax).
     logit_scale:  the model's temperature (CLIP's exp(logit_scale); 100 when the model has none).
     prompts:      the prompt texts (one per row of ``text``; for a template ensemble, the first template's).
+    raw:          (n_prompts, d) the same embeddings before normalisation (a template ensemble: the mean of
+                  its templates' raw embeddings), what an SAE trained on the model's raw embeddings reads.
     """
 
     attributes: list[str]
@@ -67,6 +69,8 @@ class ZeroShotHead:
     prompt_class: dict[str, Tensor]
     logit_scale: float = DEFAULT_LOGIT_SCALE
     prompts: list[str] = field(default_factory=list)
+    raw: Tensor | None = None
+    _index: dict[str, list[Tensor]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = self.text.shape[0]
@@ -75,6 +79,8 @@ class ZeroShotHead:
                 raise ValueError(f"attribute {attribute!r} needs classes and prompt_class")
             if self.prompt_class[attribute].shape != (n,):
                 raise ValueError(f"prompt_class[{attribute!r}] must have shape ({n},)")
+        if self.raw is not None and self.raw.shape != self.text.shape:
+            raise ValueError(f"raw must have the shape of text, {tuple(self.text.shape)}")
 
     @property
     def n_prompts(self) -> int:
@@ -108,23 +114,25 @@ class ZeroShotHead:
             if image is None:
                 raise ValueError("give image or prompt_logits")
             prompt_logits = self.prompt_logits(image)
-        labels = self._labels(attribute)
         log_probs = torch.log_softmax(prompt_logits, dim=1)
-        columns = []
-        for c in range(len(self.classes[attribute])):
-            mask = labels == c
-            columns.append(torch.logsumexp(log_probs[:, mask], dim=1) if bool(mask.any())
-                           else log_probs.new_full((log_probs.shape[0],), float("-inf")))
+        columns = [torch.logsumexp(log_probs.index_select(1, index), dim=1) if index.numel()
+                   else log_probs.new_full((log_probs.shape[0],), float("-inf")) for index in self.class_index(attribute)]
         return torch.stack(columns, dim=1)
 
     def predict(self, image: Tensor | None, attribute: str, prompt_logits: Tensor | None = None) -> Tensor:
         """(n,) long: the most probable class of ``attribute`` (see :meth:`class_log_probs`)."""
         return self.class_log_probs(image, attribute, prompt_logits).argmax(dim=1)
 
-    def _labels(self, attribute: str) -> Tensor:
+    def class_index(self, attribute: str) -> list[Tensor]:
+        """For each class of ``attribute``, the (increasing) prompt columns that name it; kept, since
+        every marginalisation of a sweep needs them (selecting them in column order adds the same
+        numbers in the same order as a boolean mask, so the sums are the zoo evaluation's bit for bit)."""
         if attribute not in self.prompt_class:
             raise VlsaeError(f"the zero-shot head has no attribute {attribute!r}; it has {', '.join(self.attributes)}")
-        return self.prompt_class[attribute]
+        if attribute not in self._index:
+            labels = self.prompt_class[attribute]
+            self._index[attribute] = [torch.nonzero(labels == c).squeeze(1) for c in range(len(self.classes[attribute]))]
+        return self._index[attribute]
 
 
 # -- text embeddings through an adapter ----------------------------------------------
@@ -138,8 +146,9 @@ def logit_scale_of(adapter: Adapter) -> float:
 
 
 @torch.no_grad()
-def encode_texts(adapter: Adapter, texts: Sequence[str], batch_size: int = 256) -> Tensor:
-    """(len(texts), d) L2-normalised final text embeddings of ``texts`` (caption-only records).
+def encode_texts(adapter: Adapter, texts: Sequence[str], batch_size: int = 256, normalize: bool = True) -> Tensor:
+    """(len(texts), d) final text embeddings of ``texts`` (caption-only records), L2-normalised unless
+    ``normalize`` is false.
 
     Raises the one-line error for an adapter without a joint text embedding
     (LLaVA, a diffusion text encoder, timm): zero-shot needs a CLIP-style model.
@@ -155,7 +164,8 @@ def encode_texts(adapter: Adapter, texts: Sequence[str], batch_size: int = 256) 
                  for i, text in enumerate(texts[start: start + batch_size])]
         prepared = adapter.prepare(batch, modalities=("text",))
         rows.append(adapter.forward(prepared, TEXT_HOOK, "cls").acts["text"].float())
-    return F.normalize(torch.cat(rows), dim=-1)
+    rows = torch.cat(rows)
+    return F.normalize(rows, dim=-1) if normalize else rows
 
 
 # -- the two protocols ------------------------------------------------------------------
@@ -172,8 +182,9 @@ def shapesworld_head(adapter: Adapter, attributes: Sequence[str] = ZERO_SHOT_ATT
     classes = {a: list(vocab[a]) for a in attributes}
     prompt_class = {a: torch.tensor([classes[a].index(values[a]) for values, _ in described]) for a in attributes}
     texts = [text for _, text in described]
-    return ZeroShotHead(attributes=list(attributes), classes=classes, text=encode_texts(adapter, texts, batch_size),
-                        prompt_class=prompt_class, logit_scale=logit_scale_of(adapter), prompts=texts)
+    raw = encode_texts(adapter, texts, batch_size, normalize=False)
+    return ZeroShotHead(attributes=list(attributes), classes=classes, text=F.normalize(raw, dim=-1),
+                        prompt_class=prompt_class, logit_scale=logit_scale_of(adapter), prompts=texts, raw=raw)
 
 
 @dataclass
@@ -235,12 +246,12 @@ def classes_head(adapter: Adapter, path: str | Path | ClassesFile, batch_size: i
     every template filled with the class name, embedded, normalised, averaged, renormalised."""
     spec = path if isinstance(path, ClassesFile) else load_classes(path)
     texts = [template.format(name) for name in spec.classes for template in spec.templates]
-    embedded = encode_texts(adapter, texts, batch_size).view(len(spec.classes), len(spec.templates), -1)
-    text = F.normalize(embedded.mean(dim=1), dim=-1)
+    raw = encode_texts(adapter, texts, batch_size, normalize=False).view(len(spec.classes), len(spec.templates), -1)
+    text = F.normalize(F.normalize(raw, dim=-1).mean(dim=1), dim=-1)
     return ZeroShotHead(attributes=[spec.attribute], classes={spec.attribute: list(spec.classes)}, text=text,
                         prompt_class={spec.attribute: torch.arange(len(spec.classes))},
                         logit_scale=logit_scale_of(adapter),
-                        prompts=[spec.templates[0].format(name) for name in spec.classes])
+                        prompts=[spec.templates[0].format(name) for name in spec.classes], raw=raw.mean(dim=1))
 
 
 def head_summary(head: ZeroShotHead) -> dict[str, Any]:
