@@ -111,3 +111,13 @@ def test_zoo_actions_have_their_own_help(capsys):
         main(["zoo", "list", "--help"])
     list_help = capsys.readouterr().out
     assert "--set" in train_help and "--set" not in list_help
+
+
+def test_a_multi_process_launch_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """torchrun --nproc-per-node 2 would run two trainings into one --out: refused in one line until training is data-parallel."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    err = one_line(capsys, ["train", "--synthetic", "hierarchical", "--steps", "5", "--out", str(tmp_path / "run")])
+    assert "WORLD_SIZE=2" in err and not (tmp_path / "run").exists()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(["train", "--synthetic", "hierarchical", "--steps", "5", "--latents", "16", "--k", "2", "--quiet",
+                 "--set", "data.n_train=500", "--set", "data.n_test=100", "--out", str(tmp_path / "run")]) == 0

@@ -47,6 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refuse_multi_process_launch() -> None:
+    """No verb is data-parallel yet: under ``torchrun --nproc-per-node N`` every rank would run the whole
+    job and race into the same --out, so refuse before any work instead of writing N copies."""
+    world = os.environ.get("WORLD_SIZE", "1").strip() or "1"
+    if world.isdigit() and int(world) > 1:
+        raise VlsaeError(f"launched as {world} processes (WORLD_SIZE={world}, e.g. by torchrun), but vlsae does not run "
+                         "data-parallel yet: each process would train its own copy into the same --out; run it as "
+                         "one process")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
@@ -55,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        _refuse_multi_process_launch()
         return int(args._run(args) or 0)
     except VlsaeError as exc:
         print(f"vlsae {args.verb}: error: {exc}", file=sys.stderr)
