@@ -6,10 +6,15 @@ import math
 import pytest
 import torch
 
+from multimodal.adapters.base import Extracted
+from multimodal.cache import ActivationCache, ActivationWriter
 from multimodal.filtering import CrossModalWeights, PairBatch, cross_modal_weights
 from multimodal.filtering.scorers import saev as saev_module
 from multimodal.filtering.scorers.saev import SaevScore
+from vlsae.errors import VlsaeError
+from vlsae.saes import create_sae
 from vlsae.sparse import SparseCode
+from vlsae.training import TrainConfig, train
 
 D = 8  # width of the residual vectors
 
@@ -196,3 +201,29 @@ def test_sample_score_sums_the_weights_of_latents_active_on_both_sides():
     batch = PairBatch(keys=["a", "b"], acts=acts, pair_index=index, sae=FourLatents(), theta=0.5)
     assert scorer.score(batch).tolist() == [0.25, 2.0]  # latent 2 fires at 0.2 on pair 0's text: below theta
     assert math.isclose(scorer.info["mean_weight"], (0.5 + 0.25 + 2.0) / 3)
+
+
+def test_a_token_cache_trains_one_sae_over_image_and_text_rows(tmp_path):
+    """ActivationCache(modality='image+text'): SAE-V's single dictionary reads both modalities' token rows."""
+    writer = ActivationWriter(tmp_path / "acts", {"source": "test", "hook": "layers.1", "tokens": "all", "data": ""},
+                              ["image", "text"], {"image": D, "text": D}, torch.float32, shard_rows=40)
+    g = torch.Generator().manual_seed(0)
+    for start in range(0, 30, 10):
+        image, text = torch.randn(30, D, generator=g), torch.randn(20, D, generator=g) + 3
+        writer.add(Extracted(keys=[f"k{i}" for i in range(start, start + 10)], acts={"image": image, "text": text},
+                             pair_index={"image": torch.arange(10).repeat_interleave(3),
+                                         "text": torch.arange(10).repeat_interleave(2)}))
+    writer.close()
+    pooled = ActivationCache(tmp_path / "acts", modality="image+text")
+    image = ActivationCache(tmp_path / "acts", modality="image").read_all()
+    text = ActivationCache(tmp_path / "acts", modality="text").read_all()
+    assert pooled.d_in == D and len(pooled) == image.shape[0] + text.shape[0] == 150
+    rows = pooled.read_all()
+    assert torch.equal(torch.sort(rows.sum(dim=1)).values, torch.sort(torch.cat([image, text]).sum(dim=1)).values)
+    batch = next(pooled.batches(64, seed=0))
+    assert batch.shape == (64, D) and (batch.mean(dim=1) > 1.5).any() and (batch.mean(dim=1) < 1.5).any()  # both kinds
+    sae = train(create_sae("batchtopk", d_in=D, n_latents=16, k=2), pooled, TrainConfig(steps=3, batch_size=32,
+                                                                                        progress=False)).sae
+    assert sae.encode(text[:4]).values.shape[0] == 4
+    with pytest.raises(VlsaeError, match="no modality 'audio'"):
+        ActivationCache(tmp_path / "acts", modality="image+audio")
