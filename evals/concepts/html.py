@@ -105,6 +105,27 @@ def _planted_section(data: dict[str, Any]) -> str:
             "".join(rows) + "</table>")
 
 
+def _fidelity_section(data: dict[str, Any]) -> str:
+    """Zero-shot accuracy with the SAE's reconstructions spliced in, beside FVU (CLIP sources only)."""
+    fidelity = data.get("zero_shot_fidelity")
+    if not fidelity:
+        return ""
+
+    def pct(value: float | None) -> str:
+        return "&ndash;" if value is None else f"{100 * value:.1f}"
+
+    rows = "".join(f"<tr><td>{html.escape(a)}</td><td>{pct(r['plain'])}</td><td>{pct(r['image'])}</td><td>{pct(r['text'])}"
+                   f"</td><td>{pct(r['both'])}</td><td>{pct(r['floor'])}</td></tr>"
+                   for a, r in fidelity["attributes"].items())
+    recovered = fidelity.get("mean_recovered")
+    headline = "" if recovered is None else f" Mean fraction of the accuracy recovered: <b>{recovered:.3f}</b>."
+    return ("<h2>Downstream fidelity: zero-shot with the reconstruction spliced in</h2>"
+            f"<p>Zero-shot accuracy (%) on the {fidelity['records']} single-object pairs, plain and with the image "
+            "embeddings, the prompt embeddings, or both replaced by their reconstructions (zero-ablated: an all-zero "
+            f"image embedding).{headline}</p><table><tr><th>attribute</th><th>plain</th><th>image spliced</th>"
+            f"<th>text spliced</th><th>both</th><th>zero-ablated</th></tr>{rows}</table>")
+
+
 def _card_html(card: dict[str, Any]) -> str:
     esc = html.escape
     images = "".join(f"<img src='{esc(i)}'>" for i in card["images"])
@@ -136,5 +157,5 @@ def render_page(data: dict[str, Any], figures: list[str], cards: list[dict[str, 
             f"&middot; {data['multimodal_fraction']:.0%} multimodal (modality score in [0.2, 0.8]) &middot; mean "
             f"image-caption concept overlap {data['mean_pair_overlap']:.3f}</p>\n"
             f"<h2>Reconstruction and sparsity</h2><table><tr><th>modality</th><th>FVU</th><th>L0</th></tr>{rows}</table>\n"
-            f"{_planted_section(data)}<h2>Figures</h2>{figs}<h2>Concept cards</h2>"
+            f"{_fidelity_section(data)}{_planted_section(data)}<h2>Figures</h2>{figs}<h2>Concept cards</h2>"
             f"{''.join(_card_html(c) for c in cards)}</body></html>")

@@ -39,6 +39,8 @@ from vlsae.checkpoint import load_sae
 from vlsae.concepts import ConceptSummary, summarize_concepts
 from vlsae.errors import VlsaeError
 from vlsae.files import atomic_write_text, check_writable_dir, replace_dir
+from evals.zeroshot.fidelity import fidelity_from_pairs, spliced_modalities
+from evals.zeroshot.report import fidelity_figure
 
 
 def check_widths(sae: Any, pairs: PairActivations, model: str, hook: str) -> None:
@@ -69,16 +71,21 @@ def report_summary(title: str, summary: ConceptSummary, pairs: PairActivations, 
 
 
 def write_report(folder: Path, title: str, summary: ConceptSummary, pairs: PairActivations, probe: dict[str, Any],
-                 data: str, n_cards: int = 24) -> dict[str, Any]:
+                 data: str, n_cards: int = 24, fidelity: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write index.html, summary.json, the figures and the card thumbnails into ``folder`` (the staging
-    folder); the thumbnails' images are read back from the shards ``data``. Returns the summary."""
+    folder); the thumbnails' images are read back from the shards ``data``. ``fidelity``: the zero-shot
+    accuracy with the reconstructions spliced in (:func:`evals.zeroshot.fidelity.fidelity_from_pairs`),
+    shown beside FVU. Returns the summary."""
     (folder / "img").mkdir(parents=True, exist_ok=True)
     figures = write_figures(folder, summary, probe)
+    if fidelity:
+        figures.append(fidelity_figure(folder, fidelity))
     roles = probe.get("roles", {})
     latents = choose_card_latents(summary, roles, n_cards)
     images = read_images(data, [pairs.keys[row] for row in card_image_rows(summary, latents)])
     cards = build_cards(folder, summary, pairs, roles, latents, images)
     result = report_summary(title, summary, pairs, probe)
+    result["zero_shot_fidelity"] = fidelity
     atomic_write_text(folder / "summary.json", json.dumps(result, indent=2))
     atomic_write_text(folder / "index.html", render_page(result, figures, cards))
     return result
@@ -87,8 +94,11 @@ def write_report(folder: Path, title: str, summary: ConceptSummary, pairs: PairA
 def concepts_report(sae_path: str | Path, data: str, model: str, out: str | Path, hook: str = "final", tokens: str = "cls",
                     limit: int = 2000, batch_size: int = 64, device: str = "auto", n_cards: int = 24,
                     overwrite: bool = False, progress: bool = True,
-                    max_skipped: float = DEFAULT_MAX_SKIPPED) -> dict[str, Any]:
+                    max_skipped: float = DEFAULT_MAX_SKIPPED, zero_shot: bool = True) -> dict[str, Any]:
     """The whole ``vlsae concepts`` job; returns the report's summary (as in summary.json) and ``index``.
+
+    ``zero_shot``: for a CLIP at hook ``final``, also the downstream fidelity (zero-shot accuracy on the
+    single-object pairs with the SAE's reconstructions spliced in), beside FVU.
 
     ``out`` is checked before the SAE or the model is loaded, so a bad folder
     costs one line, not a model load and an extraction.
@@ -112,8 +122,10 @@ def concepts_report(sae_path: str | Path, data: str, model: str, out: str | Path
         check_widths(sae, pairs, model, hook)
         summary = summarize_concepts(sae, pairs.acts)
         probe = planted_probe(sae, pairs, ceiling=True) if {"image", "text"} <= set(pairs.acts) else {}
+        fidelity = (fidelity_from_pairs(adapter, sae, pairs.metas, pairs.acts["image"], spliced_modalities(sae, sae_path))
+                    if zero_shot and hook == "final" and "image" in pairs.acts else None)
         title = f"Concepts of {Path(sae_path).name} ({sae.arch}) on {model}"
-        write_report(staging, title, summary, pairs, probe, data, n_cards=n_cards)
+        write_report(staging, title, summary, pairs, probe, data, n_cards=n_cards, fidelity=fidelity)
         replace_dir(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

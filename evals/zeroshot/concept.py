@@ -146,12 +146,11 @@ def sweep_predictions(matcher: ConceptMatcher, image: Tensor, attributes: list[s
         rows = image[start: start + chunk].float()
         stop = start + rows.shape[0]
         plain = head.prompt_logits(rows)
-        for a in attributes:
-            out["plain"][a][start:stop] = head.predict(None, a, plain)
+        for a, predicted in head.predict_all(plain, attributes).items():
+            out["plain"][a][start:stop] = predicted
         for variant in variants:
             term = matcher.term_logits(rows, variant)
             for j, lam in enumerate(lambdas):
-                logits = mix(plain, term, lam)
-                for a in attributes:
-                    out[variant][a][j, start:stop] = head.predict(None, a, logits)
+                for a, predicted in head.predict_all(mix(plain, term, lam), attributes).items():
+                    out[variant][a][j, start:stop] = predicted
     return out

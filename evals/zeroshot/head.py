@@ -23,7 +23,8 @@ Text embeddings come through the adapter's ``text.final`` hook (the joint
 embedding space, before normalisation) for caption-only records, so the same
 code serves any open_clip spec, shapes-clip and shapes-clip-minilm. The
 logits are ``logit_scale * (normalised image) @ text.T`` computed in the zoo
-evaluation's order, so the head reproduces its predictions exactly.
+evaluation's order and marginalised the same way, so the head reproduces its
+accuracy (tests/evals/test_zeroshot_head.py checks it on shapes-clip).
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ class ZeroShotHead:
     logit_scale: float = DEFAULT_LOGIT_SCALE
     prompts: list[str] = field(default_factory=list)
     raw: Tensor | None = None
-    _index: dict[str, list[Tensor]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _cache: dict[str, list[Tensor]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = self.text.shape[0]
@@ -120,19 +121,59 @@ class ZeroShotHead:
         return torch.stack(columns, dim=1)
 
     def predict(self, image: Tensor | None, attribute: str, prompt_logits: Tensor | None = None) -> Tensor:
-        """(n,) long: the most probable class of ``attribute`` (see :meth:`class_log_probs`)."""
-        return self.class_log_probs(image, attribute, prompt_logits).argmax(dim=1)
+        """(n,) long: the most probable class of ``attribute`` (the argmax of :meth:`class_log_probs`)."""
+        if prompt_logits is None:
+            if image is None:
+                raise ValueError("give image or prompt_logits")
+            prompt_logits = self.prompt_logits(image)
+        return self.predict_all(prompt_logits, [attribute])[attribute]
+
+    def predict_all(self, prompt_logits: Tensor, attributes: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """attribute -> (n,) long predictions from (n, n_prompts) logits, every attribute in one pass.
+
+        The argmax of the per-class softmax mass, computed as ``exp(logits - row max) @ one-hot``:
+        one exponential and one small matrix product for all attributes, where the log-space
+        marginalisation of :meth:`class_log_probs` takes one exponential per attribute and copies
+        of every class's columns. Both are the same function of the logits; they can differ only
+        where two classes' masses agree to float32 rounding (about 1e-7 relative). Scoring sweeps
+        (many λ, many images) use this path.
+        """
+        attributes = list(attributes or self.attributes)
+        onehot, sizes = self._onehot(tuple(attributes))
+        shifted = prompt_logits - prompt_logits.max(dim=1, keepdim=True).values
+        mass = shifted.exp_() @ onehot
+        out = {}
+        for attribute, part in zip(attributes, mass.split(sizes, dim=1)):
+            out[attribute] = part.argmax(dim=1)
+        return out
+
+    def _onehot(self, attributes: tuple[str, ...]) -> tuple[Tensor, list[int]]:
+        """(n_prompts, total classes) float 0/1: prompt p names class c of each attribute, stacked."""
+        key = "onehot:" + ",".join(attributes)
+        if key not in self._cache:
+            blocks = []
+            for attribute in attributes:
+                labels = self.prompt_class[attribute] if attribute in self.prompt_class else self._missing(attribute)
+                block = torch.zeros(self.n_prompts, len(self.classes[attribute]))
+                named = labels >= 0
+                block[torch.nonzero(named).squeeze(1), labels[named]] = 1.0
+                blocks.append(block)
+            self._cache[key] = [torch.cat(blocks, dim=1).to(self.text.dtype)]
+        return self._cache[key][0], [len(self.classes[a]) for a in attributes]
+
+    def _missing(self, attribute: str) -> Tensor:
+        raise VlsaeError(f"the zero-shot head has no attribute {attribute!r}; it has {', '.join(self.attributes)}")
 
     def class_index(self, attribute: str) -> list[Tensor]:
         """For each class of ``attribute``, the (increasing) prompt columns that name it; kept, since
         every marginalisation of a sweep needs them (selecting them in column order adds the same
         numbers in the same order as a boolean mask, so the sums are the zoo evaluation's bit for bit)."""
         if attribute not in self.prompt_class:
-            raise VlsaeError(f"the zero-shot head has no attribute {attribute!r}; it has {', '.join(self.attributes)}")
-        if attribute not in self._index:
+            self._missing(attribute)
+        if attribute not in self._cache:
             labels = self.prompt_class[attribute]
-            self._index[attribute] = [torch.nonzero(labels == c).squeeze(1) for c in range(len(self.classes[attribute]))]
-        return self._index[attribute]
+            self._cache[attribute] = [torch.nonzero(labels == c).squeeze(1) for c in range(len(self.classes[attribute]))]
+        return self._cache[attribute]
 
 
 # -- text embeddings through an adapter ----------------------------------------------

@@ -97,3 +97,33 @@ def write_outputs(folder: Path, results: dict[str, Any], attribute_results: list
     atomic_write_text(folder / "results.json", json.dumps(results, indent=2))
     figure = curve_figure(folder, attribute_results, lambdas)
     atomic_write_text(folder / "index.html", render_page(results, figure))
+
+
+def fidelity_figure(folder: Path, fidelity: dict[str, Any], name: str = "zero_shot_spliced.png") -> str:
+    """Grouped bars per attribute: plain zero-shot accuracy, with the image / text / both reconstructions
+    spliced in, and the zero-ablated floor (the concept report's downstream-fidelity figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    attributes = list(fidelity["attributes"])
+    bars = [("plain", "#4c72b0"), ("image", "#dd8452"), ("text", "#55a868"), ("both", "#c44e52"), ("floor", "#999999")]
+    width = 0.8 / len(bars)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(attributes), 3.2))
+    x = np.arange(len(attributes))
+    for i, (key, colour) in enumerate(bars):
+        values = [fidelity["attributes"][a][key] for a in attributes]
+        heights = [100 * v if v is not None else 0.0 for v in values]
+        label = "zero-ablated" if key == "floor" else ("plain" if key == "plain" else f"{key} spliced")
+        ax.bar(x + (i - 2) * width, heights, width, color=colour, label=label)
+    ax.set_xticks(x, attributes)
+    ax.set_ylabel("zero-shot accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"zero-shot with the SAE's reconstructions ({fidelity['records']} single-object pairs)")
+    ax.legend(fontsize=7, ncol=3, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(folder / name, dpi=110)
+    plt.close(fig)
+    return name

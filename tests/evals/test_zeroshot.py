@@ -23,6 +23,16 @@ from tests.multimodal.tiny import tiny_clip_config
 D = 24  # the tiny CLIP's embedding width
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tiny models run faster on one thread, and much faster on a machine whose cores are shared
+    (measured: 0.8 s vs 11.6 s for 2,560 prompts through the tiny CLIP with other jobs running)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _head(n_prompts: int = 30, d: int = D) -> ZeroShotHead:
     g = torch.Generator().manual_seed(1)
     raw = torch.randn(n_prompts, d, generator=g) * 3
