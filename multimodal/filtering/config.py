@@ -15,6 +15,7 @@ from vlsae.checkpoint import read_config
 from vlsae.config import option
 from vlsae.errors import VlsaeError
 
+from multimodal.adapters import get_adapter_class
 from multimodal.adapters.base import TOKEN_MODES
 from multimodal.filtering.scorers import Scorer, get_scorer, list_scorers
 from multimodal.pairs import DEFAULT_MAX_SKIPPED, check_max_skipped
@@ -83,6 +84,8 @@ def check_config(config: FilterConfig) -> type[Scorer]:
                          f"(a VL-SAE on the model's embeddings for vl-*; a token-level SAE for saev, l0, cooc-l0)")
     if scorer.needs_model and not config.model:
         raise VlsaeError(f"scorer '{config.scorer}' runs a model: pass --model SPEC (e.g. shapes-clip, shapes-llava)")
+    if scorer.needs_model:
+        get_adapter_class(config.model)  # a typo in the spec is one line now, not after reading the data
     if config.batch_size < 1:
         raise VlsaeError(f"--batch-size must be at least 1, got {config.batch_size}")
     if scorer.needs_probe and config.probe_pairs < 1:

@@ -179,7 +179,7 @@ def _score(config: FilterConfig, scorer_cls: type, hook: str, tokens: str, urls:
     started, pairs = time.perf_counter(), 0
     try:
         for index in todo:
-            shard = scoring.score_shard(urls[index], shas[index], bar)
+            shard = scoring.score_shard(urls[index], shas.get(index) or sha256_file(urls[index]), bar)
             write_scores(score_file(scores, index), shard)
             pairs += len(shard.keys)
     finally:
@@ -218,9 +218,15 @@ def filter_dataset(config: FilterConfig, finish: Callable[[Path, FilterResult], 
     scores = _open_staging(staging, out, settings, reuse_out=config.overwrite, progress=config.progress)
 
     mine = [i for i in range(len(urls)) if split is None or i % split[1] == split[0]]
-    shas = {i: sha256_file(urls[i]) for i in mine}
-    todo = [i for i in mine if (read_metadata(score_file(scores, i)) or {}).get("sha256") != shas[i]]
-    timing = _score(config, scorer_cls, hook, tokens, urls, todo, shas, scores, staging, probe)
+    known = {i: read_metadata(score_file(scores, i)) for i in mine}
+    shas = {i: sha256_file(urls[i]) for i in mine if known[i] is not None}  # a score file is trusted while they match
+    todo = [i for i in mine if known[i] is None or known[i]["sha256"] != shas[i]]
+    try:
+        timing = _score(config, scorer_cls, hook, tokens, urls, todo, shas, scores, staging, probe)
+    except VlsaeError:
+        if not any(scores.iterdir()):  # a user error before anything was scored leaves nothing behind
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     if split is not None:
         summary = {"scorer": config.scorer, "scored_shards": todo, "reused_shards": [i for i in mine if i not in todo],
                    "staging": str(staging), "timing": timing}

@@ -137,6 +137,8 @@ class Scoring:
 def describe_sae(path: str) -> dict[str, Any]:
     """What filter.json records about the SAE: its folder, architecture, widths and weights checksum."""
     record = read_config(Path(path))
+    if not (Path(path) / WEIGHTS).is_file():
+        raise VlsaeError(f"{path} has {Path(path) / 'config.json'} but no {WEIGHTS}; pass a finished SAE run folder")
     config = record["config"]
     return {"path": str(Path(path).resolve()), "arch": record["arch"], "d_in": config.get("d_in"),
             "n_latents": config.get("n_latents"), "hook": config.get("hook", ""),

@@ -306,4 +306,6 @@ def test_bad_inputs_are_one_line_errors(world, tmp_path, capsys):
                      "--data", data, "--keep", "0.5", "--out", out)
     assert "width 7" in err and "128" in err
     assert "i/n" in _cli_error(capsys, "--scorer", "random", "--data", data, "--shards", "2/2", "--out", out)
-    assert not Path(out).exists()
+    assert "did you mean" in _cli_error(capsys, "--scorer", "clipscore", "--model", "shapes-clp", "--data", data,
+                                        "--keep", "0.5", "--out", out)
+    assert not Path(out).exists() and not staging_dir(Path(out)).exists()
