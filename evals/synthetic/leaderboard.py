@@ -19,6 +19,15 @@ the ``separate`` setting one single-stream SAE per modality is trained and
 their same-index agreement should sit near chance. An SAE whose
 ``config.modalities`` is non-empty trains on paired dict batches and is scored
 through ``encode(x, modality=)`` / ``decode(code, modality=)``.
+
+Readout (``readout={"feature": J, "scale": c}``): every arch of the run gets the
+linear readout y = <v_J, x> along planted feature J (the downstream "loss" of
+g-SAE's synthetic test; its gradient is v_J), and feature J's codes are first
+multiplied by ``c`` in the train and test data (the activations change by
+exactly (c - 1) h_J v_J), so c < 1 plants a small-norm feature that drives the
+readout. Rows then add ``readout_cos`` (feature J's best decoder cosine) and
+the readout fidelity on the test rows. An arch that needs a readout (``gsae``)
+gets feature 0 at its own norm when none is given.
 """
 from __future__ import annotations
 
@@ -32,12 +41,14 @@ from typing import Any, Callable
 import torch
 
 from evals.synthetic.generators import PlantedData, generate, list_presets
+from evals.synthetic.readout import needs_readout, plant_readout, readout_plan, readout_scores
 from evals.synthetic.score import encode_decode, score_pair, score_sae
 from vlsae.config import from_dict
 from vlsae.errors import VlsaeError
 from vlsae.files import atomic_write_text
 from vlsae.saes import create_sae, get_sae_class, is_multimodal_arch, list_archs
 from vlsae.training import TensorSource, TrainConfig, train
+from vlsae.training.readout import Readout
 
 # Per suite: sizes that finish the default architecture list in about a minute
 # (hierarchical) to three (independent) on two CPU cores. The width defaults to
@@ -81,6 +92,8 @@ TABLE_COLUMNS: dict[str, list[tuple[str, str]]] = {
     "multimodal": [("frr_0.9_image", "FRR.9 img"), ("frr_0.9_text", "FRR.9 txt"),
                    ("same_index_agreement", "same idx"), ("multimodal_fraction", "multimodal")],
 }
+# Columns shown when the run has a readout (see the module docstring).
+READOUT_COLUMNS = [("readout_cos", "readout cos"), ("readout_fvu", "readout FVU")]
 
 
 # ------------------------------------------------------------------ archs
@@ -110,10 +123,13 @@ def penalty_field(arch: str) -> str | None:
 
 def default_archs(suite: str, preset: str) -> list[str]:
     """Every registered arch that fits the suite: single-stream archs everywhere;
-    multimodal archs only on the multimodal suite's shared setting (one width)."""
+    multimodal archs only on the multimodal suite's shared setting (one width);
+    archs that need a readout everywhere but the (paired) multimodal suite."""
     out = []
     for arch in list_archs():
         if is_multimodal_arch(arch) and not (suite == "multimodal" and preset == "shared"):
+            continue
+        if suite == "multimodal" and needs_readout(arch):
             continue
         out.append(arch)
     return out
@@ -122,7 +138,7 @@ def default_archs(suite: str, preset: str) -> list[str]:
 # --------------------------------------------------------------- training
 def _train_one(arch: str, d_in: int, n_latents: int, source: Any, sae_kw: dict[str, Any],
                steps: int, batch_size: int, seed: int, lr: float | None, device: str,
-               train_options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+               train_options: dict[str, Any], readout: Readout | None = None) -> tuple[Any, dict[str, Any]]:
     torch.manual_seed(seed)
     sae = create_sae(arch, d_in=d_in, n_latents=n_latents, **sae_kw)
     tc: dict[str, Any] = dict(progress=False, tensorboard=False, eval_rows=2048)
@@ -130,7 +146,8 @@ def _train_one(arch: str, d_in: int, n_latents: int, source: Any, sae_kw: dict[s
     tc.update(steps=steps, batch_size=batch_size, seed=seed, device=device)
     if lr is not None:
         tc["lr"] = lr
-    result = train(sae, source, from_dict(TrainConfig, tc, where="train options"))
+    use = readout if readout is not None and getattr(sae, "trains_by_gradient", True) else None  # ITDA takes none
+    result = train(sae, source, from_dict(TrainConfig, tc, where="train options"), readout=use)
     result.sae.to("cpu")
     return result.sae, dict(result.summary)
 
@@ -201,7 +218,7 @@ def run_suite(suite: str, archs: list[str] | None = None, *, n_latents: int | No
               n_test: int | None = None, noise: float = 0.0, batch_size: int | None = None, lr: float | None = None,
               device: str = "auto", options: dict[str, Any] | None = None,
               arch_options: dict[str, dict[str, Any]] | None = None, train_options: dict[str, Any] | None = None,
-              calibration_tries: int = 5,
+              calibration_tries: int = 5, readout: dict[str, Any] | None = None,
               seeds: int = 1, out: str | Path | None = None, overwrite: bool = False,
               show: bool = True) -> list[dict[str, Any]]:
     """Train and score each architecture on one suite; return one row per arch.
@@ -211,7 +228,9 @@ def run_suite(suite: str, archs: list[str] | None = None, *, n_latents: int | No
     n_latents: width for every arch (default: :func:`default_width`); k: the L0
     target (TopK-family ``k``; penalty archs are calibrated to it);
     arch_options: extra config values per arch; train_options: extra
-    :class:`vlsae.training.TrainConfig` fields (betas, b_dec_init, ...); seeds: repeat the whole run for
+    :class:`vlsae.training.TrainConfig` fields (betas, b_dec_init, ...); readout: ``{"feature": J,
+    "scale": c}``, the planted linear readout every arch gets (module docstring; default: feature 0
+    at scale 1 when an arch needs one, else none); seeds: repeat the whole run for
     seeds seed..seed+seeds-1 (data and SAEs) and report means, with standard
     deviations under ``std`` and each seed's row under ``per_seed``;
     out: JSON path written atomically
@@ -245,21 +264,27 @@ def run_suite(suite: str, archs: list[str] | None = None, *, n_latents: int | No
 
     if seeds < 1:
         raise VlsaeError(f"seeds must be >= 1, got {seeds}")
+    plan = readout_plan(readout, archs, data)
+    if plan is not None:
+        data, planted_readout = plant_readout(data, plan["feature"], plan["scale"])
     stray = sorted(set(arch_options or {}) - set(archs))
     if stray:
         raise VlsaeError(f"SAE options given for '{stray[0]}', which is not among the archs run ({', '.join(archs)})")
     from_dict(TrainConfig, {**(train_options or {}), "steps": steps}, where="train options")  # fail before training
     settings = dict(suite=suite, preset=preset, seed=seed, seeds=seeds, n_latents=width, k=k, steps=steps,
                     batch_size=batch_size, lr=lr, n_train=n_train, n_test=n_test, noise=noise, options=options or {},
-                    arch_options=arch_options or {}, train_options=train_options or {})
+                    arch_options=arch_options or {}, train_options=train_options or {}, readout=plan)
     per_arch: dict[str, list[dict[str, Any]]] = {arch: [] for arch in archs}
     for s in range(seed, seed + seeds):
         if s != seed:  # a fresh dictionary and fresh samples per seed
             data = generate(suite, seed=s, n_train=n_train, n_test=n_test, preset=preset, noise=noise, **(options or {}))
+            if plan is not None:
+                data, planted_readout = plant_readout(data, plan["feature"], plan["scale"])
         for arch in archs:
             start = time.perf_counter()
             row = _run_arch(arch, data, width, k, steps, batch_size, s, lr, device,
-                            (arch_options or {}).get(arch, {}), calibration_tries, train_options or {})
+                            (arch_options or {}).get(arch, {}), calibration_tries, train_options or {},
+                            readout=(plan["feature"], planted_readout) if plan is not None else None)
             row["seconds"] = round(time.perf_counter() - start, 2)
             row["seed"] = s
             per_arch[arch].append(row)
@@ -325,7 +350,7 @@ def _sort_value(value: Any, higher: bool) -> float:
 
 def _run_arch(arch: str, data: PlantedData, width: int, k: int, steps: int, batch_size: int, seed: int,
               lr: float | None, device: str, extra: dict[str, Any], tries: int,
-              train_options: dict[str, Any]) -> dict[str, Any]:
+              train_options: dict[str, Any], readout: tuple[int, Readout] | None = None) -> dict[str, Any]:
     multimodal_sae = is_multimodal_arch(arch)
     row: dict[str, Any] = {"arch": arch, "n_latents": width, "l0_target": k}
     fields = _config_field_defaults(arch)
@@ -347,7 +372,8 @@ def _run_arch(arch: str, data: PlantedData, width: int, k: int, steps: int, batc
                                                    kw_run, steps, batch_size, seed, lr, device, train_options)
             return saes, summaries
         d_in, source = _source(data, multimodal_sae)
-        return _train_one(arch, d_in, width, source, kw_run, steps, batch_size, seed, lr, device, train_options)
+        return _train_one(arch, d_in, width, source, kw_run, steps, batch_size, seed, lr, device, train_options,
+                          readout=readout[1] if readout is not None else None)
 
     def l0_of(models: Any) -> float:
         if separate:
@@ -378,6 +404,8 @@ def _run_arch(arch: str, data: PlantedData, width: int, k: int, steps: int, batc
     if data.modalities:
         row["mode"] = "paired multimodal SAE" if multimodal_sae else "one SAE on image+text rows"
     row.update(score_sae(model, data))
+    if readout is not None:
+        row.update(readout_scores(model, data, *readout))
     return row
 
 
@@ -428,6 +456,7 @@ def print_leaderboard(rows: list[dict[str, Any]], suite: str, settings: dict[str
     table.add_column("#", justify="right")
     table.add_column("arch")
     columns = TABLE_COLUMNS["common"] + TABLE_COLUMNS[suite]
+    columns += [c for c in READOUT_COLUMNS if any(c[0] in r for r in rows)]
     for _, label in columns:
         table.add_column(label, justify="right")
     table.add_column("s", justify="right")

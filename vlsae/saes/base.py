@@ -54,6 +54,9 @@ class TrainContext:
     step: int = 0
     progress: float = 0.0  # fraction of training done, in [0, 1]
     dead_mask: torch.Tensor | None = None  # (n_latents,) bool: latents counted dead by the trainer
+    # (batch, d_in) gradient of the downstream loss with respect to the (scaled) input rows, computed by the
+    # trainer from its readout for SAEs that ask for it (``uses_downstream_grad``); None otherwise
+    downstream_grad: torch.Tensor | None = None
 
 
 @dataclass

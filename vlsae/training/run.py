@@ -6,12 +6,15 @@
                                           # path data: the last `held_out` fraction is kept for the final metrics
     train: {steps: 3000, batch_size: 1024}
     align: {steps: 0}                     # > 0 trains the contrastive alignment stage first (paired data)
+    readout: {kind: planted, feature: 0}  # optional downstream readout (g-SAE needs one): linear, planted, zeroshot
     out: runs/a
 
 ``vlsae train --set sae.k=16`` overrides any key. The run config is saved as
 ``run.yaml`` in the run folder, so ``vlsae train --out runs/a --resume`` needs
 nothing else. The ``data`` section is turned into activations by the data-source
-registry (:mod:`vlsae.training.sources`), the same way for every caller.
+registry (:mod:`vlsae.training.sources`), the same way for every caller; the
+``readout`` section names a registered readout (:mod:`vlsae.training.readout`)
+built once the data's width is known.
 """
 from __future__ import annotations
 
@@ -30,7 +33,9 @@ from vlsae.errors import VlsaeError
 from vlsae.files import atomic_write_text, looks_like_pickle
 from vlsae.saes import create_sae, get_sae_class, is_multimodal_arch, list_archs
 from vlsae.training.config import TrainConfig
+from vlsae.training.readout import ReadoutLike, build_readout
 from vlsae.training.sources import DataSpec, resolve_data
+from vlsae.training.preflight import check_readout
 from vlsae.training.trainer import CHECKPOINT_DIR, TRAINING_JSON, TrainResult, check_out_dir, train
 
 RUN_YAML = "run.yaml"
@@ -52,6 +57,7 @@ class RunConfig:
     data: DataSpec = option(factory=DataSpec, help="where activations come from")
     train: TrainConfig = option(factory=TrainConfig, help="how to train")
     align: AlignSpec = option(factory=AlignSpec, help="the alignment stage for unaligned paired data")
+    readout: dict = option(factory=dict, help="downstream readout {kind: NAME, ...} (linear, planted, zeroshot); g-SAE needs one")
     out: str | None = option(None, help="run folder (checkpoints, logs, final SAE)")
 
 
@@ -63,8 +69,9 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
         if not isinstance(value, dict):
             raise VlsaeError(f"'{name}' in the run config must be a mapping")
         data[name] = from_dict(cls, value, where=name)
-    if not isinstance(data.get("sae") or {}, dict):
-        raise VlsaeError("'sae' in the run config must be a mapping")
+    for name in ("sae", "readout"):
+        if not isinstance(data.get(name) or {}, dict):
+            raise VlsaeError(f"'{name}' in the run config must be a mapping")
     run = from_dict(RunConfig, data, where="run config")
     get_sae_class(run.arch)
     if "d_in" in run.sae:
@@ -99,10 +106,14 @@ def saved_run_config(out: str | Path) -> dict[str, Any] | None:
     return load_yaml(path) if path.is_file() else None
 
 
-def run_training(run: RunConfig, resume: bool = False) -> TrainResult:
-    """Build the SAE from the run config and the data's width, train it, save it to ``run.out``."""
+def run_training(run: RunConfig, resume: bool = False, readout: ReadoutLike | None = None) -> TrainResult:
+    """Build the SAE from the run config and the data's width, train it, save it to ``run.out``.
+
+    readout: a readout object (module or function of the activations) that takes the place of the
+    config's ``readout`` section, for Python callers whose readout is not a registered kind."""
     out = Path(run.out) if run.out else None
     check_out_dir(out, resume)  # before any data is read or run.yaml written
+    check_readout(get_sae_class(run.arch), bool(run.readout) or readout is not None)
     resolved = resolve_data(run.data)
     source, held_out = resolved.train, resolved.held_out
     if isinstance(source.d_in, dict) and not is_multimodal_arch(run.arch):
@@ -139,9 +150,13 @@ def run_training(run: RunConfig, resume: bool = False) -> TrainResult:
     if resolved.hook and not sae_values.get("hook"):
         sae_values["hook"] = resolved.hook
     sae = create_sae(run.arch, {**sae_values, "d_in": d_in})
+    if readout is None and run.readout:
+        check_readout(sae, True, paired=isinstance(widths, dict))
+        readout = build_readout(run.readout, run.data, d_in)
     if out is not None and not resume:
         _write_run_yaml(out, run)
-    result = train(sae, source, run.train, out_dir=out, resume=resume, metadata=metadata, eval_source=held_out)
+    result = train(sae, source, run.train, out_dir=out, resume=resume, metadata=metadata, eval_source=held_out,
+                   readout=readout)
     if projector is not None:
         if out is not None:
             projector.save(out)
@@ -151,7 +166,7 @@ def run_training(run: RunConfig, resume: bool = False) -> TrainResult:
 
 def _write_run_yaml(out: Path, run: RunConfig) -> None:
     record = {"arch": run.arch, "sae": run.sae, "data": to_dict(run.data), "train": to_dict(run.train),
-              "align": to_dict(run.align), "out": run.out}
+              "align": to_dict(run.align), "readout": run.readout, "out": run.out}
     atomic_write_text(out / RUN_YAML, yaml.safe_dump(record, sort_keys=False))
 
 

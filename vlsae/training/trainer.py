@@ -25,7 +25,13 @@ What it adds around that contract:
   only chooses the active latents runs in bf16 (``selection_dtype``), while the
   chosen values, loss and gradients stay fp32; checkpoints that resume
   bit-for-bit (``state.py``);
-  JSONL + TensorBoard logs, a tqdm bar and a rich summary (``log.py``).
+  JSONL + TensorBoard logs, a tqdm bar and a rich summary (``log.py``);
+- an optional readout (``readout.py``): a downstream function of the activations whose
+  gradient g-SAE selects with and whose fidelity figures are logged for any SAE;
+- SAEs built without gradients (ITDA: ``trains_by_gradient = False``) go through the same
+  loop, data, logs, checkpoints and evaluation, in one pass over the stream with no optimizer.
+
+The checks before any work (data, run folder, readout) are ``preflight.py``.
 """
 from __future__ import annotations
 
@@ -42,8 +48,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlsae.checkpoint import CONFIG, WEIGHTS, read_config, save_sae
-from vlsae.files import atomic_write_text, check_writable_dir, read_safetensors, replace_dir
+from vlsae.checkpoint import WEIGHTS, read_config, save_sae
+from vlsae.files import atomic_write_text, read_safetensors, replace_dir
 from vlsae.config import to_dict
 from vlsae.devices import resolve_device
 from vlsae.errors import VlsaeError
@@ -53,11 +59,12 @@ from vlsae.training.config import RESUME_KEYS, TrainConfig
 from vlsae.training.data import ActivationSource, Batch, TensorSource
 from vlsae.training.log import TENSORBOARD_DIR, MetricsLog, print_summary
 from vlsae.training.metrics import evaluate, geometric_median
+from vlsae.training.preflight import CHECKPOINT_DIR, TRAINING_JSON, check_compatible, check_out_dir, check_readout
+from vlsae.training.readout import Readout, ReadoutLike, as_readout
 from vlsae.training.state import (optimizer_from_flat, optimizer_to_flat, read_state, rng_from_flat, rng_to_flat,
                                   write_state)
 
-CHECKPOINT_DIR = "checkpoint"
-TRAINING_JSON = "training.json"
+__all__ = ["CHECKPOINT_DIR", "TRAINING_JSON", "TrainResult", "check_compatible", "check_out_dir", "train"]
 
 
 @dataclass
@@ -92,64 +99,6 @@ def resolve_selection_dtype(name: str, device: torch.device) -> torch.dtype | No
     if name == "bf16" or cpu_has_bf16_matmul():
         return torch.bfloat16
     return None
-
-
-def check_compatible(sae: SAE, source: ActivationSource, what: str = "the data") -> None:
-    """One-line errors when the data cannot feed this SAE."""
-    if len(source) == 0:
-        raise VlsaeError(f"the dataset is empty: {what} has no rows to train on")
-    widths = source.d_in
-    if isinstance(widths, dict):
-        if not sae.modalities:
-            raise VlsaeError(f"{what} is paired ({', '.join(widths)}) but '{sae.arch}' is a single-stream SAE; "
-                             "use a multimodal architecture (vl, vl-split, vl-shared) or select one modality")
-        for m, w in widths.items():
-            if m not in sae.modalities:
-                raise VlsaeError(f"{what} has modality '{m}' but the SAE has {list(sae.modalities)}")
-            if w != sae.d_in:
-                raise VlsaeError(f"modality '{m}' of {what} has width {w} but the SAE expects d_in={sae.d_in}")
-    else:
-        if sae.modalities:
-            raise VlsaeError(f"'{sae.arch}' trains on paired data (modalities {list(sae.modalities)}), "
-                             f"but {what} is a single tensor; give paired data (e.g. an activation cache with image and text)")
-        if widths != sae.d_in:
-            raise VlsaeError(f"{what} has width {widths} but the SAE expects d_in={sae.d_in}; build the SAE with d_in={widths}")
-
-
-def check_out_dir(out_dir: str | Path | None, resume: bool) -> None:
-    """Refuse to overwrite a run or checkpoint; refuse to resume without a checkpoint."""
-    if out_dir is None:
-        if resume:
-            raise VlsaeError("--resume needs --out pointing at the interrupted run")
-        return
-    out = check_writable_dir(out_dir)
-    if out.exists() and not out.is_dir():
-        raise VlsaeError(f"--out {out} is a file; give a folder for the run")
-    _recover_checkpoint(out)
-    finished = (out / TRAINING_JSON).exists()
-    checkpoint = (out / CHECKPOINT_DIR).is_dir()
-    if resume:
-        if finished:
-            raise VlsaeError(f"the run in {out} already finished; nothing to resume (start another with a new --out)")
-        if not checkpoint:
-            raise VlsaeError(f"no checkpoint to resume in {out}; start the run without --resume (or check the --out path)")
-        return
-    if finished:
-        raise VlsaeError(f"{out} already holds a finished run; choose another --out "
-                         "(vlsae never overwrites a run; --resume only continues interrupted ones)")
-    if checkpoint:
-        raise VlsaeError(f"{out} holds an interrupted run; pass --resume to continue it or choose another --out")
-    if (out / WEIGHTS).exists() or (out / CONFIG).exists():
-        raise VlsaeError(f"{out} already holds an SAE checkpoint; choose another --out (vlsae never overwrites one)")
-
-
-def _recover_checkpoint(out: Path) -> None:
-    """replace_dir renames the old checkpoint aside, then the new one into place; a
-    kill between the two renames leaves only ``.checkpoint.old``, a complete
-    checkpoint, which goes back into place here."""
-    old = out / f".{CHECKPOINT_DIR}.old"
-    if old.is_dir() and not (out / CHECKPOINT_DIR).exists() and not (out / TRAINING_JSON).exists():
-        old.rename(out / CHECKPOINT_DIR)
 
 
 def _all_finite(batch: Batch) -> torch.Tensor:
@@ -213,7 +162,10 @@ def _fold(sae: SAE, scales: float | dict[str, float]) -> None:
         sae.fold_input_scale(scales)
 
 
-def _make_optimizer(sae: SAE, config: TrainConfig, lr: float) -> torch.optim.Optimizer:
+def _make_optimizer(sae: SAE, config: TrainConfig, lr: float) -> torch.optim.Optimizer | None:
+    """Adam over the trainable parameters; None for an SAE built without gradients (ITDA)."""
+    if not getattr(sae, "trains_by_gradient", True):
+        return None
     params = [p for p in sae.parameters() if p.requires_grad]
     try:
         return torch.optim.Adam(params, lr=lr, betas=config.betas, eps=config.adam_eps, fused=True)
@@ -230,7 +182,7 @@ def _mark_fired(last_fired: torch.Tensor, code: SparseCode, tokens: int) -> None
 # -------------------------------------------------------------------- train
 def train(sae: SAE, source: ActivationSource, config: TrainConfig | None = None, out_dir: str | Path | None = None,
           resume: bool = False, metadata: dict[str, Any] | None = None,
-          eval_source: ActivationSource | Batch | None = None) -> TrainResult:
+          eval_source: ActivationSource | Batch | None = None, readout: ReadoutLike | None = None) -> TrainResult:
     """Train ``sae`` on ``source``; returns the SAE ready for raw inputs and a summary.
 
     source: any :class:`ActivationSource` (a tensor batch per step, or a dict of
@@ -243,16 +195,27 @@ def train(sae: SAE, source: ActivationSource, config: TrainConfig | None = None,
     (summary, train config, input scales), and the checkpoint is removed.
     resume: continue the interrupted run in ``out_dir`` from its last checkpoint;
     the result equals the uninterrupted run's.
+    readout: an optional downstream function of the raw activations (a :class:`Readout`, a module or
+    a function; :mod:`vlsae.training.readout`). SAEs that select by a downstream gradient (``gsae``)
+    need it and get ``ctx.downstream_grad`` every step; for any SAE the logged steps and the summary
+    add its fidelity figures (``readout_fvu``, or ``readout_ce_increase``/``readout_kl``/``readout_agreement``).
+    SAEs built without gradients (``itda``, ``trains_by_gradient = False``) are built in one pass over
+    the stream (at most ``len(source) // batch_size`` batches, ``steps`` capping it) with no optimizer.
 
     summary keys: arch, d_in, n_latents, fvu, l0, shrinkage, never_fired_fraction
     (and per modality ``fvu_<m>`` etc. for paired data), dead_fraction, eval_split,
-    eval_rows, steps, tokens, seconds, tokens_per_s, device, lr, input_scale.
+    eval_rows, steps, tokens, seconds, tokens_per_s, device, lr, input_scale
+    (and, with a readout, its fidelity figures and ``readout``: what it was).
     """
     config = config or TrainConfig()
     out = Path(out_dir) if out_dir is not None else None
     if eval_source is not None and not isinstance(eval_source, ActivationSource):
         eval_source = TensorSource(eval_source)
+    readout = as_readout(readout)
     check_compatible(sae, source)
+    check_readout(sae, readout is not None, paired=isinstance(source.d_in, dict))
+    by_gradient = getattr(sae, "trains_by_gradient", True)
+    total_steps = config.steps if by_gradient else min(config.steps, max(1, len(source) // config.batch_size))
     if eval_source is not None:
         check_compatible(sae, eval_source, what="the held-out data")
     check_out_dir(out, resume)
@@ -270,6 +233,8 @@ def train(sae: SAE, source: ActivationSource, config: TrainConfig | None = None,
         scales = estimate_scales(sae, sample)
     elif isinstance(sample, dict):
         scales = {m: 1.0 for m in sample}
+    if readout is not None:
+        readout.to(device).check(sample[: config.batch_size].to(device).float())  # type: ignore[index]
     scaled = _to(sample, torch.device("cpu"), scales)
     if isinstance(scaled, dict):
         sae.init_decoder_bias({m: data_center(x, config.b_dec_init) for m, x in scaled.items()})  # type: ignore[arg-type]
@@ -296,45 +261,57 @@ def train(sae: SAE, source: ActivationSource, config: TrainConfig | None = None,
     bar = None
     if config.progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=config.steps, initial=start_step, desc=f"train {sae.arch}", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=total_steps, initial=start_step, desc=f"{'train' if by_gradient else 'build'} {sae.arch}",
+                   unit="step", dynamic_ncols=True)
     use_autocast = device.type == "cuda" and config.autocast_bf16
     sae.selection_dtype = resolve_selection_dtype(config.selection_dtype, device)
     batches = source.batches(config.batch_size, seed=config.seed, start=start_step)
+    wants_grad = readout is not None and getattr(sae, "uses_downstream_grad", False)
+    steps_run = start_step
     began = time.perf_counter()
     try:
-        for step in range(start_step, config.steps):
+        for step in range(start_step, total_steps):
             batch = _to(next(batches), device, scales)
-            lr = peak_lr * config.lr_factor(step)
-            for group in optimizer.param_groups:
+            lr = peak_lr * config.lr_factor(step) if by_gradient else 0.0
+            for group in optimizer.param_groups if optimizer is not None else []:
                 group["lr"] = lr
             dead = (tokens - last_fired) > dead_tokens
-            ctx = TrainContext(step=step, progress=step / config.steps, dead_mask=dead)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
+            ctx = TrainContext(step=step, progress=step / total_steps, dead_mask=dead)
+            if wants_grad:  # d loss / d (scaled x) = (d loss / d raw x) / scale
+                assert readout is not None and not isinstance(scales, dict)
+                ctx.downstream_grad = readout.input_gradient(batch / scales) / scales  # type: ignore[operator]
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast), torch.set_grad_enabled(by_gradient):
                 out_step = sae.training_forward(batch, ctx)
-            loss = out_step.loss
+            loss = out_step.loss if out_step.losses else torch.zeros((), device=device)
             if not bool(torch.isfinite(loss.detach()) & _all_finite(batch)):  # the one sync per step
                 _check_finite(batch, f"in the batch of step {step}")
                 raise VlsaeError(f"the loss became {float(loss)} at step {step}; lower the learning rate (train.lr)")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(sae.parameters(), config.grad_clip)
-            sae.before_optimizer_step()
-            optimizer.step()
-            sae.after_optimizer_step()
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(sae.parameters(), config.grad_clip)
+                sae.before_optimizer_step()
+                optimizer.step()
+                sae.after_optimizer_step()
             tokens += _tokens(batch)
             _mark_fired(last_fired, out_step.code, tokens)
 
-            done = step + 1
-            if done % config.log_every == 0 or done == config.steps:
+            done = steps_run = step + 1
+            finished = done == total_steps or bool(getattr(sae, "full", False))  # a full ITDA adds nothing more
+            if done % config.log_every == 0 or finished:
                 record = _step_record(done, lr, loss, out_step, batch, dead)
+                if readout is not None and not isinstance(scales, dict):
+                    record.update(readout.fidelity(batch / scales, out_step.recon.detach().float() / scales))  # type: ignore[operator, union-attr]
                 history.append(record)
                 log.write(record)
                 if bar is not None:
                     bar.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}", dead=f"{record['dead_fraction']:.2f}")
             if bar is not None:
                 bar.update(1)
-            if out is not None and config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
+            if finished:
+                break
+            if out is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
                 log.flush()
                 _checkpoint(out, sae, optimizer, last_fired, done, tokens,
                             elapsed_before + time.perf_counter() - began, scales, config, device)
@@ -353,15 +330,21 @@ def train(sae: SAE, source: ActivationSource, config: TrainConfig | None = None,
     rows = {m: t.to(device).float() for m, t in rows.items()} if isinstance(rows, dict) else rows.to(device).float()
     summary: dict[str, Any] = {"arch": sae.arch, "d_in": sae.d_in, "n_latents": sae.n_latents}
     summary.update(evaluate(sae, rows))
+    if readout is not None:
+        with torch.no_grad():
+            summary.update(readout.fidelity(rows, sae(rows)))  # type: ignore[arg-type]
+        summary["readout"] = readout.info or {"name": readout.name}
     summary.update({
         "dead_fraction": final_dead,
         "eval_split": "held-out" if eval_source is not None else "training sample",
         "eval_rows": _tokens(rows),
-        "steps": config.steps, "tokens": tokens,
+        "steps": steps_run, "tokens": tokens,
         "seconds": round(elapsed_before + trained_seconds, 2),
-        "tokens_per_s": round((config.steps - start_step) * config.batch_size / max(trained_seconds, 1e-9), 1),
+        "tokens_per_s": round((steps_run - start_step) * config.batch_size / max(trained_seconds, 1e-9), 1),
         "device": str(device), "lr": peak_lr, "input_scale": scales,
     })
+    if not by_gradient:
+        summary["training"] = "one pass, no gradients"
     if out is not None:
         _finish(out, sae, config, summary, metadata)
     if config.progress:
@@ -393,7 +376,7 @@ def _step_record(step: int, lr: float, loss: torch.Tensor, out_step: TrainOutput
 
 
 # -------------------------------------------------------------- checkpoints
-def _checkpoint(out: Path, sae: SAE, optimizer: torch.optim.Optimizer, last_fired: torch.Tensor, step: int,
+def _checkpoint(out: Path, sae: SAE, optimizer: torch.optim.Optimizer | None, last_fired: torch.Tensor, step: int,
                 tokens: int, seconds: float, scales: float | dict[str, float], config: TrainConfig,
                 device: torch.device) -> None:
     """Write out/checkpoint atomically: build it in a temp folder, then swap it in."""
@@ -401,7 +384,7 @@ def _checkpoint(out: Path, sae: SAE, optimizer: torch.optim.Optimizer, last_fire
     if tmp.exists():
         shutil.rmtree(tmp)
     save_sae(sae, tmp)
-    tensors, opt_meta = optimizer_to_flat(optimizer)
+    tensors, opt_meta = optimizer_to_flat(optimizer) if optimizer is not None else ({}, {})
     rng_tensors, rng_meta = rng_to_flat(cuda=device.type == "cuda")
     tensors.update(rng_tensors)
     tensors["last_fired"] = last_fired.cpu()
@@ -411,7 +394,7 @@ def _checkpoint(out: Path, sae: SAE, optimizer: torch.optim.Optimizer, last_fire
     replace_dir(tmp, out / CHECKPOINT_DIR)
 
 
-def _restore(folder: Path, sae: SAE, optimizer: torch.optim.Optimizer, last_fired: torch.Tensor, config: TrainConfig,
+def _restore(folder: Path, sae: SAE, optimizer: torch.optim.Optimizer | None, last_fired: torch.Tensor, config: TrainConfig,
              device: torch.device) -> tuple[int, int, float, float | dict[str, float]]:
     """Load a checkpoint into sae/optimizer/last_fired/RNGs; returns (step, tokens, seconds, scales)."""
     record = read_config(folder)
@@ -436,7 +419,8 @@ def _restore(folder: Path, sae: SAE, optimizer: torch.optim.Optimizer, last_fire
         raise VlsaeError(f"the checkpoint in {folder} does not fit this SAE ({str(exc).splitlines()[0]}); "
                          "resume with the same settings") from None
     sae.to(device)
-    optimizer_from_flat(optimizer, tensors, meta["optimizer"])
+    if optimizer is not None:
+        optimizer_from_flat(optimizer, tensors, meta["optimizer"])
     if tensors["last_fired"].shape != last_fired.shape:
         raise VlsaeError(f"the checkpoint in {folder} tracks {tensors['last_fired'].shape[0]} latents, not {last_fired.shape[0]}")
     last_fired.copy_(tensors["last_fired"].to(device))
