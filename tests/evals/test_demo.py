@@ -8,7 +8,7 @@ from evals.tasks.demo import run_demo
 def test_small_demo_runs_every_stage_and_reuses_its_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("VLSAE_CACHE", str(tmp_path / "cache"))  # shapes-clip comes from the shipped copy
     out = tmp_path / "demo"
-    results = run_demo(out, pairs=300, steps=40, synth=False, progress=False)
+    results = run_demo(out, pairs=300, steps=40, synth=False, progress=False, applications=False)
     saved = json.loads((out / "demo.json").read_text())
     assert set(saved["seconds"]) == {"world", "shapes-clip", "extract", "train", "concepts"}
     assert 0 < results["topk"]["fvu"] < 1 and results["topk"]["l0"] > 0
@@ -18,14 +18,14 @@ def test_small_demo_runs_every_stage_and_reuses_its_folder(tmp_path, monkeypatch
     config = json.loads((out / "vl" / "config.json").read_text())
     assert config["config"]["n_latents"] == 40 and config["config"]["k"] == 20
     assert config["config"]["hook"] == "shapes-clip final cls"  # the cache's origin is recorded with the SAE
-    again = run_demo(out, pairs=300, steps=40, synth=False, progress=False)  # finished parts are reused
+    again = run_demo(out, pairs=300, steps=40, synth=False, progress=False, applications=False)  # finished parts are reused
     assert again["vl"]["fvu_image"] == results["vl"]["fvu_image"]
 
 
 def test_demo_index_links_every_result(tmp_path, monkeypatch):
     monkeypatch.setenv("VLSAE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
-    run_demo(out, pairs=200, steps=20, synth=False, progress=False)
+    run_demo(out, pairs=200, steps=20, synth=False, progress=False, applications=False)
     page = (out / "index.html").read_text()
     links = re.findall(r'href="([^"]+)"', page)
     assert {"concepts/index.html", "vl/training.json", "topk-image/training.json", "acts/manifest.json"} <= set(links)

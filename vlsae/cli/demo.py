@@ -6,7 +6,8 @@ import argparse
 from evals.tasks import run_task
 from evals.tasks.demo import DemoConfig, DemoTask
 
-HELP = "run the whole pipeline offline: leaderboard, ShapesWorld, shapes-clip, extraction, TopK + VL-SAE, concept report"
+HELP = ("run the whole pipeline offline: leaderboard, ShapesWorld, shapes-clip, extraction, TopK + VL-SAE, concept report, "
+        "OOD detection, zero-shot, filtering")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,11 +15,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", type=int, default=4000, help="ShapesWorld pairs to generate (default: 4000)")
     parser.add_argument("--steps", type=int, default=1500, help="training steps per SAE (default: 1500)")
     parser.add_argument("--no-synth", action="store_true", help="skip the planted-feature leaderboard")
+    parser.add_argument("--no-apps", action="store_true", help="skip the applications (OOD detection, zero-shot, filtering)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or tables")
 
 
 def run(args: argparse.Namespace) -> int:
-    config = DemoConfig(out=args.out, pairs=args.pairs, steps=args.steps, synth=not args.no_synth, progress=not args.quiet)
+    config = DemoConfig(out=args.out, pairs=args.pairs, steps=args.steps, synth=not args.no_synth, progress=not args.quiet,
+                        applications=not args.no_apps)
     for line in DemoTask.describe(run_task("demo", config)):
         print(line)
     return 0
