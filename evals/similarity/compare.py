@@ -66,9 +66,9 @@ def open_input(path: str | Path, modality: str | None = None, max_rows: int | No
     if (p / MANIFEST).is_file():
         cache = _open_cache(p, modality)
         n = len(cache) if max_rows is None else min(len(cache), max_rows)
-        keys = cache.keys()
+        keys = _row_keys(cache, n)
         digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
-        return Representation(str(p), "acts", n, {"pairs": len(keys), "keys_sha256": digest},
+        return Representation(str(p), "acts", n, {"pairs": len(set(keys)), "row_keys_sha256": digest},
                               info={"hook": cache.manifest.get("hook"), "source": cache.manifest.get("source"),
                                     "modality": cache.modalities[0], "width": cache.d_in})
     if (p / CONFIG).is_file():
@@ -91,6 +91,21 @@ def _open_cache(path: Path, modality: str | None) -> ActivationCache:
     if len(mods) > 1:
         raise VlsaeError(f"activation cache {path} holds {', '.join(mods)}; choose one with --modality")
     return ActivationCache(path, modality=mods[0])
+
+
+def _row_keys(cache: ActivationCache, n: int) -> list[str]:
+    """The pair key of each of the first ``n`` rows (one row per pair: the keys themselves; token-level
+    caches: read from each shard's row-to-pair index)."""
+    keys = cache.keys()
+    if len(cache) == len(keys):
+        return keys[:n]
+    out: list[str] = []
+    m = cache.modalities[0]
+    for shard in cache.iter_shards():
+        out.extend(shard.keys[i] for i in shard.pair_index[m].tolist())
+        if len(out) >= n:
+            break
+    return out[:n]
 
 
 def _training_record(path: Path) -> dict[str, Any]:
