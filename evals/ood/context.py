@@ -229,9 +229,9 @@ class Features:
         head = self._head()
         return self.unit @ head.text.T
 
-    @cached_property
+    @property
     def prompt_logits(self) -> Tensor:
-        """(n, n_prompts) the head's logits: logit_scale * cosine."""
+        """(n, n_prompts) the head's logits: logit_scale * cosine (not kept: one (n, n_prompts) copy is enough)."""
         return self._head().logit_scale * self.cosines
 
     @cached_property
