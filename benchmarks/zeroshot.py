@@ -13,7 +13,7 @@ For each model:
 2. the model's final image and text embeddings of both, into activation caches;
 3. a VL-SAE per ``--sae LATENTS:K`` trained by the project's trainer on the
    training cache (the "task-sized" SAEs);
-4. ``vlsae zeroshot`` (the ``zeroshot`` task) on the evaluation cache: plain
+4. ``vlsae zeroshot`` (:func:`evals.zeroshot.run.run_zeroshot`) on the evaluation cache: plain
    zero-shot (the zoo protocol, every description marginalised) vs the
    validation-chosen (variant, λ), reported on the test split with a paired
    bootstrap interval of the gain.
@@ -33,7 +33,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from evals.tasks import run_task
+from evals.zeroshot.run import run_zeroshot
 from multimodal.extract import ExtractConfig, extract
 from multimodal.shapesworld import ShapesWorldConfig, write_world
 from vlsae.training.run import load_run_config, run_training
@@ -91,9 +91,10 @@ def main() -> None:
             folder = work / name / f"vl-{latents}-{k}-s{args.seed}"
             summary = _sae(work / name / "train_acts", folder, latents, k, args.steps, args.seed)
             started = time.perf_counter()
-            result = run_task("zeroshot", {"sae": str(folder), "model": model, "data": str(work / "eval_world"),
-                                           "acts": str(work / name / "eval_acts"), "out": str(folder / "zeroshot"),
-                                           "overwrite": True, "progress": False})
+            # the zeroshot task's function (run_task would import every task module, and a script run from
+            # benchmarks/ has benchmarks/steering.py shadowing the steering package on sys.path)
+            result = run_zeroshot(folder, model, str(work / "eval_world"), folder / "zeroshot",
+                                  acts=str(work / name / "eval_acts"), overwrite=True, progress=False)
             runs[spec] = (result, summary, time.perf_counter() - started)
         table = Table(title=f"{model}: test accuracy (%) plain -> enhanced (gain [95 % CI]; variant, λ chosen on validation)")
         table.add_column("attribute")

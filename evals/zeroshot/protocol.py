@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-DEFAULT_LAMBDAS = (0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+DEFAULT_LAMBDAS = (0.0, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)
 
 
 @dataclass

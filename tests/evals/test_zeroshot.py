@@ -204,3 +204,26 @@ def test_cli_bad_inputs_are_one_line(tiny_setup, world, capsys, case, needle):
     err = capsys.readouterr().err.strip()
     assert code == 2 and needle in err and len(err.splitlines()) == 1
     assert not (folder / f"bad-{case}").exists()
+
+
+def test_labels_of_a_real_style_webdataset_come_from_cls_members_or_json(tmp_path):
+    """A folder of labelled images as users have them: the class in a cls member (name or index) or the json."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    def png() -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    shard = tmp_path / "000000.tar"
+    with wds.TarWriter(str(shard)) as writer:
+        writer.write({"__key__": "a", "png": png(), "txt": "x", "cls": b"dog"})
+        writer.write({"__key__": "b", "png": png(), "txt": "x", "cls": b"0"})
+        writer.write({"__key__": "c", "png": png(), "txt": "x", "json": json.dumps({"label": "dog"}).encode()})
+    keys, labels, _ = read_labels(str(shard), {"class": ["cat", "dog"]}, classes_file="f.json")
+    assert keys == ["a", "b", "c"] and labels["class"].tolist() == [1, 0, 1]
+    with pytest.raises(VlsaeError, match="record a has class 'dog', which --classes f.json does not name"):
+        read_labels(str(shard), {"class": ["cat", "bird"]}, classes_file="f.json")
