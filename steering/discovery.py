@@ -137,9 +137,11 @@ def value_latents(stats: LatentStats, attribute: str, value: str, n: int = 3) ->
                         typical_activation(stats, order, named), [top_prompts(stats, f) for f in order])
 
 
-def attribute_latents(stats: LatentStats, attribute: str, n: int = 3) -> dict[str, ValueLatents]:
-    """:func:`value_latents` of every value of ``attribute`` some prompt names."""
-    return {v: value_latents(stats, attribute, v, n) for v in attribute_values(attribute) if bool(stats.named(v).any())}
+def attribute_latents(stats: LatentStats, attribute: str, n: int = 3,
+                      values: Sequence[str] | None = None) -> dict[str, ValueLatents]:
+    """:func:`value_latents` of every value of ``attribute`` (or of ``values``) some prompt names."""
+    chosen = [check_value(attribute, v) for v in values] if values else attribute_values(attribute)
+    return {v: value_latents(stats, attribute, v, n) for v in chosen if bool(stats.named(v).any())}
 
 
 @dataclass
@@ -174,16 +176,16 @@ def flip_rates(pipe: Any, hooked: HookedSAE, found: ValueLatents, neutral: Seque
 
 def discover(pipe: Any, hooked: HookedSAE, stats: LatentStats, attribute: str, read: Reader | None = None,
              candidates: int = 3, neutral: int = 4, settings: FlipSettings | None = None,
-             progress: Callable[[str], None] | None = None) -> list[ValueLatents]:
-    """The discovery table of ``attribute``: per value, its ``candidates`` most selective latents, ranked by
-    flip rate when ``read`` (a judge of this attribute) is given, else by selectivity.
+             progress: Callable[[str], None] | None = None, values: Sequence[str] | None = None) -> list[ValueLatents]:
+    """The discovery table of ``attribute`` (every value, or ``values``): per value, its ``candidates`` most
+    selective latents, ranked by flip rate when ``read`` (a judge of this attribute) is given, else by selectivity.
 
     Neutral prompts of a value: the first ``neutral`` prompts of the set that do
     not name it, spread over the set (every k-th), so they vary in the other attributes.
     """
     settings = settings or FlipSettings()
     table = []
-    for value, found in attribute_latents(stats, attribute, candidates).items():
+    for value, found in attribute_latents(stats, attribute, candidates, values).items():
         if read is not None:
             others = [p for p in stats.prompts if not names_value(p, value)]
             step = max(1, len(others) // max(1, neutral))

@@ -209,9 +209,14 @@ class _Dense(Intervention):
         vector = self.vector.to(h.device, h.dtype)
         if vector.ndim == 1:
             vector = vector.expand(h.shape[1], -1)
-        context = h.shape[1]
-        aligned = torch.zeros(context, h.shape[2], dtype=h.dtype, device=h.device)
-        aligned[: min(context, vector.shape[0])] = vector[:context]
+        if vector.ndim == 2:
+            vector = vector.unsqueeze(0)
+        elif vector.shape[0] != h.shape[0]:
+            raise VlsaeError(f"a per-row steering vector has {vector.shape[0]} rows but the batch has {h.shape[0]}; "
+                             f"generate in one batch of that many prompts")
+        rows, context = h.shape[:2]
+        aligned = torch.zeros(vector.shape[0], context, h.shape[2], dtype=h.dtype, device=h.device)
+        aligned[:, : min(context, vector.shape[1])] = vector[:, :context]
         return float(self.strength) * mask.unsqueeze(-1).to(h.dtype) * aligned
 
     def describe(self) -> dict[str, Any]:
@@ -254,8 +259,9 @@ class Concept(_Dense):
 
 @dataclass
 class Delta(_Dense):
-    """A fixed edit ``strength * vector`` ((context, width) position-aligned, or (width,) on every token) at
-    ``hook``; :meth:`prompt_difference` makes the raw, SAE-free steering vector of two prompts."""
+    """A fixed edit ``strength * vector`` at ``hook``: (context, width) position-aligned, (width,) on every
+    token, or (rows, context, width) one per batch row; :meth:`prompt_difference` makes the raw, SAE-free
+    steering vector of two prompts."""
 
     kind: ClassVar[str] = "delta"
     hook: str = ""
@@ -280,14 +286,22 @@ class Delta(_Dense):
         return self.delta
 
     @classmethod
-    def prompt_difference(cls, adapter: Any, point: str, target: str, source: str, strength: float = 1.0,
-                          passes: str = "cond", positions: str | Sequence[int] = "all") -> "Delta":
-        """``H(target) - H(source)`` at ``point``: at strength 1 on the conditional pass it turns the
-        source prompt's states into the target's from that layer on (prompt editing, done in the layer)."""
-        states, _ = point_states(adapter, point, [target, source])
+    def prompt_difference(cls, adapter: Any, point: str, target: str | Sequence[str], source: str | Sequence[str],
+                          strength: float = 1.0, passes: str = "cond",
+                          positions: str | Sequence[int] = "all") -> "Delta":
+        """``H(target) - H(source)`` at ``point``: at strength 1 on the conditional pass it turns the source
+        prompt's states into the target's from that layer on (prompt editing, done in the layer). Lists of
+        prompts give one vector per batch row (rows of a batch steered each toward its own target)."""
+        many = not isinstance(target, str)
+        targets, sources = ([target], [source]) if not many else (list(target), list(source))
+        if len(targets) != len(sources):
+            raise VlsaeError(f"{len(targets)} target prompts for {len(sources)} source prompts")
+        states, _ = point_states(adapter, point, targets + sources)
+        delta = states[: len(targets)] - states[len(targets):]
         encoder = adapter.encoders[point.split(".", 1)[0]]
-        return cls(hook=point, delta=states[0] - states[1], strength=strength, passes=passes, positions=positions,
-                   end_id=encoder.tokenizer.eos_token_id, label=f"{target!r} - {source!r}")
+        label = f"{targets[0]!r} - {sources[0]!r}" + (f" (+{len(targets) - 1} rows)" if many else "")
+        return cls(hook=point, delta=delta if many else delta[0], strength=strength, passes=passes,
+                   positions=positions, end_id=encoder.tokenizer.eos_token_id, label=label)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "vector": self.label or f"{tuple(self.delta.shape)} tensor"}

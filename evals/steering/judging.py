@@ -22,8 +22,11 @@ import torch
 from torch import Tensor
 
 from vlsae.errors import VlsaeError
+from vlsae.files import atomic_save_tensors, read_safetensors
 
 from multimodal.judges import ClipJudge, CnnJudge, pixel_colours, train_cnn_judge
+from multimodal.shapesworld import vocabulary
+from multimodal.zoo import cache_root
 from multimodal.zoo.shapes_diffusion import TRAIN_WORLD, world_config
 
 JUDGES = ("clip", "cnn", "pixel")
@@ -50,8 +53,7 @@ class JudgePanel:
         if unknown or not judges:
             raise VlsaeError(f"unknown judge '{unknown[0] if unknown else ''}'; choose from {', '.join(JUDGES)}")
         clip = ClipJudge.from_zoo(clip_folder) if "clip" in judges else None
-        cnn = (train_cnn_judge(world_config(dict(TRAIN_WORLD)), seed, n=cnn_train, steps=cnn_steps)
-               if "cnn" in judges else None)
+        cnn = cnn_judge(seed, cnn_train, cnn_steps) if "cnn" in judges else None
         return cls(judges=tuple(judges), clip=clip, cnn=cnn)
 
     def reads(self, attribute: str) -> list[str]:
@@ -69,6 +71,29 @@ class JudgePanel:
         if "pixel" in self.judges:
             out["pixel"] = {"colour": pixel_colours(images)}
         return out
+
+
+def cnn_judge(seed: int, n: int, steps: int, cache: bool = True) -> CnnJudge:
+    """The CNN judge trained on ``n`` renders of shapes-diffusion's training world for ``steps`` steps; kept in
+    ``$VLSAE_CACHE/judges/`` (safetensors) after the first training, as the same seed and settings train the
+    same weights and every steering run would otherwise spend a minute of CPU on it."""
+    path = cache_root() / "judges" / f"cnn-seed{seed}-n{n}-steps{steps}.safetensors"
+    if cache and path.is_file():
+        try:
+            tensors = read_safetensors(path, what="the cached CNN judge")
+            vocab = vocabulary()
+            judge = CnnJudge({a: len(vocab[a]) for a in ("shape", "colour")})
+            judge.load_state_dict(tensors)
+            return judge.eval()
+        except (VlsaeError, RuntimeError):
+            pass  # a stale or damaged cache entry: train again and replace it
+    judge = train_cnn_judge(world_config(dict(TRAIN_WORLD)), seed, n=n, steps=steps)
+    if cache:
+        try:
+            atomic_save_tensors({k: v.detach().contiguous() for k, v in judge.state_dict().items()}, path)
+        except OSError:
+            pass  # an unwritable cache only costs the next run the training again
+    return judge
 
 
 def rate_of(values: Sequence[Any], wanted: Sequence[Any] | Any) -> float:
@@ -118,4 +143,4 @@ def steering_rates(steered: Readings, base: Readings, asked: Sequence[dict[str, 
     return out
 
 
-__all__ = ["JUDGES", "READS", "Readings", "JudgePanel", "rate_of", "image_change", "steering_rates"]
+__all__ = ["JUDGES", "READS", "Readings", "JudgePanel", "cnn_judge", "rate_of", "image_change", "steering_rates"]

@@ -58,15 +58,29 @@ def prepare(pipeline: str, sae: str, hook: str = "", prompts: str = "", device: 
     return Setup(pipeline, str(sae), pipe, hooked, latent_stats(hooked, prompt_set))
 
 
-def prepare_out(out: str | Path, overwrite: bool) -> Path:
-    """``out`` checked writable and empty (emptied with ``overwrite``), created."""
+def check_out(out: str | Path, overwrite: bool) -> Path:
+    """``out`` checked writable and empty unless ``overwrite`` (nothing is removed yet): before any model loads."""
     folder = check_writable_dir(out)
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise VlsaeError(f"{folder} is not empty; choose another --out or pass --overwrite to replace it")
+    return folder
+
+
+def prepare_out(out: str | Path, overwrite: bool) -> Path:
+    """``out`` checked (:func:`check_out`), emptied with ``overwrite``, created."""
+    folder = check_out(out, overwrite)
     if folder.exists() and any(folder.iterdir()):
-        if not overwrite:
-            raise VlsaeError(f"{folder} is not empty; choose another --out or pass --overwrite to replace it")
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def check_steer(setup: Setup, feature: Feature, mode: str, per_value: int = 3, passes: str | None = None,
+                positions: str | Sequence[int] = "all", concept: str = "") -> None:
+    """Every input error of a steering run (a latent out of range, a value no prompt names, passes the mode
+    does not take) as a one-line error, before judges load or any image is generated."""
+    build_interventions(setup.hooked, setup.stats, feature, mode, 1.0, per_value=per_value, passes=passes,
+                        positions=positions, concept_prompt=concept)
 
 
 def steer_run(setup: Setup, out: str | Path, prompt: str, feature: Feature, mode: str, strengths: Sequence[float],
@@ -81,7 +95,7 @@ def steer_run(setup: Setup, out: str | Path, prompt: str, feature: Feature, mode
         return build_interventions(setup.hooked, setup.stats, feature, mode, strength, per_value=per_value,
                                    passes=passes, positions=positions, concept_prompt=concept)
 
-    build(1.0)  # every input error (latent range, value no prompt names, passes) before any image
+    check_steer(setup, feature, mode, per_value, passes, positions, concept)
     folder = prepare_out(out, overwrite)
     start = time.perf_counter()
     sweep = run_sweep(setup.pipe, prompt, build, strengths, seeds, panel, generation)
@@ -103,7 +117,7 @@ def steer_run(setup: Setup, out: str | Path, prompt: str, feature: Feature, mode
 
 def discover_run(setup: Setup, out: str | Path, attribute: str, panel: JudgePanel | None, judge: str = "clip",
                  candidates: int = 3, neutral: int = 4, flips: FlipSettings | None = None,
-                 overwrite: bool = False, progress: bool = False) -> dict[str, Any]:
+                 values: Sequence[str] | None = None, overwrite: bool = False, progress: bool = False) -> dict[str, Any]:
     """The discovery table of ``attribute`` (see :func:`steering.discovery.discover`), judged by ``judge``."""
     attribute = "colour" if attribute == "color" else attribute
     attribute_values(attribute)
@@ -116,7 +130,7 @@ def discover_run(setup: Setup, out: str | Path, attribute: str, panel: JudgePane
     flips = flips or FlipSettings()
     start = time.perf_counter()
     table = discover(setup.pipe, setup.hooked, setup.stats, attribute, read, candidates=candidates, neutral=neutral,
-                     settings=flips, progress=print if progress else None)
+                     settings=flips, progress=print if progress else None, values=values or None)
     result = {"attribute": attribute, "pipeline": setup.pipeline, "sae": setup.sae_path, "hook": setup.hooked.point,
               "prompts": len(setup.stats.prompts), "judge": judge if read else None,
               "flip_settings": vars(flips), "table": [entry.as_dict() for entry in table],
@@ -126,4 +140,4 @@ def discover_run(setup: Setup, out: str | Path, attribute: str, panel: JudgePane
     return {**result, "out": str(folder), "index": str(folder / "index.html")}
 
 
-__all__ = ["SIZE_WORDS", "default_prompts", "Setup", "prepare", "prepare_out", "steer_run", "discover_run"]
+__all__ = ["SIZE_WORDS", "default_prompts", "Setup", "prepare", "check_out", "prepare_out", "check_steer", "steer_run", "discover_run"]

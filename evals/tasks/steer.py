@@ -19,7 +19,7 @@ from steering.features import MODES, parse_feature
 from steering.points import parse_positions
 
 from evals.steering.judging import JUDGES, JudgePanel
-from evals.steering.run import discover_run, prepare, steer_run
+from evals.steering.run import check_out, check_steer, discover_run, prepare, steer_run
 from evals.steering.sweep import Generation
 from evals.tasks import register_task
 from evals.tasks.base import Task
@@ -45,6 +45,7 @@ class SteerConfig:
                                   "concept, cond for clamp and ablate)")
     positions: str = option("all", help="token positions to edit: all | prompt | words | end | indices like 2,3")
     concept: str = option("", help="concept prompt of --mode concept (default: the feature's value)")
+    values: list[str] = option(None, factory=list, help="discovery: only these values of the attribute (default: all)")
     judges: list[str] = option(None, factory=lambda: list(JUDGES), help="judges of the images: clip, cnn, pixel")
     judge: str = option("clip", help="discovery: the judge whose reading ranks the latents by flips")
     candidates: int = option(3, help="discovery: most selective latents per value tried by steering")
@@ -81,13 +82,18 @@ class SteerTask(Task):
         feature = parse_feature(config.feature) if config.feature else None
         positions = parse_positions(config.positions)
         generation = Generation(seed=config.seed, steps=config.steps, guidance_scale=config.guidance_scale)
+        check_out(config.out, config.overwrite)
         setup = prepare(config.pipeline, config.sae, hook=config.hook, prompts=config.prompts, device=config.device)
+        if feature is not None:
+            check_steer(setup, feature, config.mode, config.per_value, config.passes or None, positions, config.concept)
+        elif config.judges and config.judge not in config.judges:
+            raise VlsaeError(f"--judge {config.judge} is not among --judges {','.join(config.judges)}")
         panel = JudgePanel.load(config.judges, seed=config.seed) if config.judges else None
         if feature is None:
             flips = FlipSettings(strength=config.flip_strength, seeds=config.flip_seeds, seed=config.seed,
                                  steps=config.steps, guidance_scale=config.guidance_scale)
             return discover_run(setup, config.out, config.discover, panel, judge=config.judge,
-                                candidates=config.candidates, neutral=config.neutral, flips=flips,
+                                candidates=config.candidates, neutral=config.neutral, flips=flips, values=config.values,
                                 overwrite=config.overwrite, progress=config.progress)
         return steer_run(setup, config.out, config.prompt, feature, config.mode, config.strength, config.seeds, panel,
                          generation, per_value=config.per_value, passes=config.passes or None, positions=positions,

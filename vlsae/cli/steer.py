@@ -66,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated judges of the images: clip, cnn, pixel; 'none' for no judging "
                              "(default: clip,cnn,pixel)")
     add("judge", choices=["clip", "cnn", "pixel"])
+    parser.add_argument("--values", default="", help="discovery: comma-separated values of the attribute to "
+                                                      "discover, e.g. red,blue (default: all)")
     add("candidates", type=int)
     add("neutral", type=int)
     add("flip_strength", type=float)
@@ -93,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
                          mode=args.mode, strength=_floats(args.strength), seeds=args.seeds, discover=args.discover,
                          hook=args.hook, prompts=args.prompts, per_value=args.per_value, passes=args.passes,
                          positions=args.positions, concept=args.concept, judges=judges, judge=args.judge,
+                         values=[v.strip() for v in args.values.split(",") if v.strip()],
                          candidates=args.candidates, neutral=args.neutral, flip_strength=args.flip_strength,
                          flip_seeds=args.flip_seeds, steps=args.steps, guidance_scale=args.guidance_scale,
                          seed=args.seed, device=args.device, overwrite=args.overwrite, progress=not args.quiet)
