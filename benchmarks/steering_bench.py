@@ -1,6 +1,6 @@
 """Steering benchmark on shapes-diffusion: flip tables for colour and shape, removal, baselines, cost.
 
-    python benchmarks/steering.py --sae runs/sd-text --seeds 8 --out steering-bench.json
+    python benchmarks/steering_bench.py --sae runs/sd-text --seeds 8 --out steering-bench.json
 
 For every (source -> target) pair of colours (and of shapes), "a SOURCE X" x
 seeds images per arm and strength, read by shapes-clip, the CNN judge and the
@@ -8,6 +8,10 @@ pixel colour check (see :mod:`evals.steering.benchmark`). Prints markdown
 tables: every arm and strength, then each arm at its best strength whose shape
 (colour, for shape steering) rate stays within 10 points of the unsteered one
 by the CNN judge, then the removal table and the cost of steered generation.
+
+Not named ``steering.py``: a script in ``benchmarks/`` has this folder first on
+``sys.path``, where a ``steering.py`` would shadow the ``steering`` package for
+every other benchmark script.
 """
 from __future__ import annotations
 
