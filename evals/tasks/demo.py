@@ -8,7 +8,8 @@
 6. the VL-SAE concept report (HTML);
 7. OOD detection with both SAEs against the raw-embedding baselines (near- and far-OOD sets);
 8. zero-shot classification, plain and with the VL-SAE's concept-level matching;
-9. data filtering of a noisy world with the VL-SAE scorer and CLIPScore.
+9. data filtering of a noisy world with the VL-SAE scorer and CLIPScore;
+10. diffusion steering: a TopK SAE on shapes-diffusion's text encoder, one prompt steered toward blue.
 
 It is a task like the others, composed of them: the leaderboard is the
 ``synth`` task's work, the report the ``concepts`` task's. Every step writes
@@ -36,6 +37,7 @@ from vlsae.training.run import load_run_config, run_training
 from evals.concepts import concepts_report
 from evals.filtering.demo import filter_demo
 from evals.ood.demo import run_demo_ood
+from evals.steering.demo import run_demo_steering
 from evals.zeroshot.demo import demo_zeroshot
 from evals.synthetic.leaderboard import run_suite
 from evals.tasks import register_task
@@ -53,7 +55,7 @@ class DemoConfig:
     pairs: int = option(4000, help="ShapesWorld pairs to generate")
     steps: int = option(1500, help="training steps per SAE")
     synth: bool = option(True, help="run the planted-feature leaderboard first")
-    applications: bool = option(True, help="run the applications on the demo's SAEs (OOD, zero-shot, filtering)")
+    applications: bool = option(True, help="run the applications on the demo's SAEs (OOD, zero-shot, filtering, steering)")
     progress: bool = option(True, help="progress bars, step headers and the summary table")
 
 
@@ -90,25 +92,25 @@ def run_demo(out: str | Path = "runs/demo", pairs: int = 4000, steps: int = 1500
     links: list[tuple[str, str, str]] = []  # (title, relative path, one-line figure)
 
     if synth:
-        t = _step("1/9 planted-feature leaderboard (hierarchical suite)", progress)
+        t = _step("1/10 planted-feature leaderboard (hierarchical suite)", progress)
         rows = run_suite("hierarchical", list(LEADERBOARD_ARCHS), seed=0, out=out / "leaderboard.json", overwrite=True,
                          show=progress)
         results["leaderboard"] = rows
         timings["leaderboard"] = time.perf_counter() - t
         links.append(("planted-feature leaderboard", "leaderboard.json", f"{len(rows)} architectures scored"))
 
-    t = _step("2/9 ShapesWorld pairs", progress)
+    t = _step("2/10 ShapesWorld pairs", progress)
     world = out / "world"
     if not (world / "world.json").exists():
         write_world(ShapesWorldConfig(seed=0), world, n=pairs, shard_size=1000, overwrite=True, progress=progress)
     timings["world"] = time.perf_counter() - t
     links.append(("ShapesWorld pairs", "world/world.json", f"{pairs} image-caption pairs"))
 
-    t = _step("3/9 shapes-clip (trained on first use, then cached)", progress)
+    t = _step("3/10 shapes-clip (trained on first use, then cached)", progress)
     load_model("shapes-clip")
     timings["shapes-clip"] = time.perf_counter() - t
 
-    t = _step("4/9 extract final CLIP embeddings (image and text, paired by key)", progress)
+    t = _step("4/10 extract final CLIP embeddings (image and text, paired by key)", progress)
     acts = out / "acts"
     if not _extraction_complete(acts):
         extract(ExtractConfig(model="shapes-clip", data=str(world), hook="final", out=str(acts), batch_size=128,
@@ -116,7 +118,7 @@ def run_demo(out: str | Path = "runs/demo", pairs: int = 4000, steps: int = 1500
     timings["extract"] = time.perf_counter() - t
     links.append(("activation cache", "acts/manifest.json", "shapes-clip final embeddings"))
 
-    t = _step("5/9 train a TopK SAE (image embeddings) and a VL-SAE (image-text pairs)", progress)
+    t = _step("5/10 train a TopK SAE (image embeddings) and a VL-SAE (image-text pairs)", progress)
     results["topk"] = _train_or_reuse(out / "topk-image", "topk", {"n_latents": 256, "k": 8},
                                       {"acts": str(acts), "modality": "image"}, steps, 256, progress)
     # 40 concepts, half of them active: a little above ShapesWorld's 36 planted values; wider and sparser,
@@ -128,7 +130,7 @@ def run_demo(out: str | Path = "runs/demo", pairs: int = 4000, steps: int = 1500
     links.append(("VL-SAE on image-caption pairs", "vl/training.json",
                   f"FVU image {results['vl']['fvu_image']:.3f}, text {results['vl']['fvu_text']:.3f}"))
 
-    t = _step("6/9 concept report of the VL-SAE", progress)
+    t = _step("6/10 concept report of the VL-SAE", progress)
     report = concepts_report(out / "vl", str(world), "shapes-clip", out / "concepts", limit=min(pairs, 2000),
                              overwrite=True, progress=progress)
     results["concepts"] = {k: v for k, v in report.items() if k != "planted_matches"}
@@ -140,25 +142,35 @@ def run_demo(out: str | Path = "runs/demo", pairs: int = 4000, steps: int = 1500
                   f"({planted.get('exclusive_same_index_rate', float('nan')):.0%} exclusively)"))
 
     if applications:
-        t = _step("7/9 OOD detection: SAE scores against raw-embedding baselines", progress)
+        t = _step("7/10 OOD detection: SAE scores against raw-embedding baselines", progress)
         ood = run_demo_ood(out, out / "ood", progress=progress)
         results["ood"] = {k: v for k, v in ood.items() if k != "reports"}
         timings["ood"] = time.perf_counter() - t
         links.append(("OOD detection", "ood/index.html", _ood_headline(ood)))
 
-        t = _step("8/9 zero-shot classification, plain and with concept-level matching", progress)
+        t = _step("8/10 zero-shot classification, plain and with concept-level matching", progress)
         zeroshot = demo_zeroshot(out, out / "zeroshot")
         results["zeroshot"] = zeroshot
         timings["zeroshot"] = time.perf_counter() - t
         links.append(("zero-shot enhancement", "zeroshot/index.html",
                       f"mean test gain {100 * zeroshot['mean_gain']:+.1f} points over the plain protocol"))
 
-        t = _step("9/9 filtering a noisy world: VL-SAE scorer and CLIPScore", progress)
+        t = _step("9/10 filtering a noisy world: VL-SAE scorer and CLIPScore", progress)
         filtering = filter_demo(out, out / "filter", progress=progress)
         results["filter"] = filtering
         timings["filter"] = time.perf_counter() - t
         links.append(("data filtering", "filter/index.html",
                       "detection AUROC " + ", ".join(f"{s} {a:.2f}" for s, a in filtering["auroc"].items())))
+
+        t = _step("10/10 steering shapes-diffusion through a text-encoder SAE", progress)
+        steer = run_demo_steering(out, out / "steer", progress=progress)
+        results["steer"] = steer
+        timings["steer"] = time.perf_counter() - t
+        page = Path(steer["index"])
+        links.append(("diffusion steering", str(page.relative_to(out)) if page.is_relative_to(out) else str(page),
+                      f"'a large red circle' toward blue: pixel flip {steer['best_flip_rate']:.0%} at strength "
+                      f"{steer['best_strength']:g}, shape kept {steer['best_shape_kept']:.0%} "
+                      f"(unsteered {steer['shape_unsteered']:.0%})"))
 
     results["seconds"] = {k: round(v, 1) for k, v in timings.items()}
     atomic_write_json(out / "demo.json", results)
@@ -207,7 +219,7 @@ def _index_page(links: list[tuple[str, str, str]], seconds: dict[str, float]) ->
 @register_task("demo")
 class DemoTask(Task):
     summary = ("the whole pipeline offline: leaderboard, ShapesWorld, shapes-clip, extraction, TopK + VL-SAE, concept report, "
-               "OOD detection, zero-shot, filtering")
+               "OOD detection, zero-shot, filtering, steering")
     config_class = DemoConfig
 
     @classmethod
