@@ -2,6 +2,8 @@
 import json
 import re
 
+import pytest
+
 from evals.tasks.demo import run_demo
 
 
@@ -29,5 +31,19 @@ def test_demo_index_links_every_result(tmp_path, monkeypatch):
     page = (out / "index.html").read_text()
     links = re.findall(r'href="([^"]+)"', page)
     assert {"concepts/index.html", "vl/training.json", "topk-image/training.json", "acts/manifest.json"} <= set(links)
+    for link in links:
+        assert (out / link).is_file(), link
+
+
+@pytest.mark.slow
+def test_demo_applications_join_the_index(tmp_path, monkeypatch):
+    """The applications run on the demo's own world and SAEs and the index links each one's page."""
+    monkeypatch.setenv("VLSAE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    results = run_demo(out, pairs=300, steps=40, synth=False, progress=False)
+    assert {"ood", "zeroshot", "filter", "steer"} <= set(results["seconds"])
+    links = set(re.findall(r'href="([^"]+)"', (out / "index.html").read_text()))
+    assert {"ood/index.html", "zeroshot/index.html", "filter/index.html"} <= links
+    assert any(link.startswith("steer/") for link in links)
     for link in links:
         assert (out / link).is_file(), link
