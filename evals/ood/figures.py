@@ -43,10 +43,12 @@ def roc_figure(folder: Path, set_name: str, id_scores: dict[str, np.ndarray], oo
 
 
 def histogram_figure(folder: Path, set_name: str, id_scores: dict[str, np.ndarray], ood_scores: dict[str, np.ndarray],
-                     aurocs: dict[str, float]) -> str:
-    """One panel per score: the ID and OOD score distributions on shared bins."""
+                     kinds: dict[str, str], aurocs: dict[str, float], per_kind: int = 2) -> str:
+    """The ID and OOD score distributions on shared bins, one panel for each of the ``per_kind`` best
+    SAE scores and best baselines (every score's curve is in the ROC figure; drawing is the slow part)."""
     plt = _pyplot()
-    names = sorted(id_scores, key=lambda n: -aurocs[n])
+    ranked = sorted(id_scores, key=lambda n: -aurocs[n])
+    names = [n for kind in ("sae", "baseline") for n in [m for m in ranked if kinds[m] == kind][:per_kind]]
     columns = min(4, len(names))
     rows = math.ceil(len(names) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 2.1 * rows), squeeze=False)

@@ -92,7 +92,8 @@ def index_page(results: dict[str, Any], figures: dict[str, list[str]]) -> str:
     images = "".join(f'<h3>id vs {html.escape(s)}</h3>' + "".join(f'<img src="{html.escape(f)}" alt="{html.escape(f)}">'
                                                                    for f in names)
                      for s, names in figures.items())
-    seconds = ", ".join(f"{k} {v:.1f} s" for k, v in results.get("seconds", {}).items())
+    cpu = results.get("cpu_seconds", {})
+    seconds = ", ".join(f"{k} {v:.1f} s (CPU {cpu.get(k, 0):.1f} s)" for k, v in results.get("seconds", {}).items())
     conventions = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in results["conventions"].items())
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>vlsae ood</title>
@@ -130,5 +131,5 @@ def write_report(out: Path, results: dict[str, Any], sets: dict[str, EmbeddingSe
             ood_scores = {name: values.numpy() for name, values in scores[set_name].items()}
             aurocs = {name: entry["auroc"] for name, entry in results["metrics"][set_name].items()}
             drawn[set_name] = [roc_figure(out, set_name, id_scores, ood_scores, kinds, aurocs),
-                               histogram_figure(out, set_name, id_scores, ood_scores, aurocs)]
+                               histogram_figure(out, set_name, id_scores, ood_scores, kinds, aurocs)]
     atomic_write_text(out / "index.html", index_page(results, drawn))

@@ -27,7 +27,8 @@ class OODTask(Task):
         sets = result["sets"]
         lines = [f"{len(result['scores'])} scores, {sets['id']['rows']} ID rows against "
                  + ", ".join(f"{name} ({s['rows']})" for name, s in sets.items() if name not in ("fit", "id"))
-                 + f"; fit statistics from {sets['fit']['rows']} rows; {result['seconds']['total']:.1f} s"]
+                 + f"; fit statistics from {sets['fit']['rows']} rows; {result['seconds']['total']:.1f} s "
+                 f"(CPU {result['cpu_seconds']['total']:.1f} s)"]
         lines += verdict_lines(result)
         lines.append(f"report: {result['index']}")
         return lines
