@@ -100,10 +100,14 @@ def check_distinct(fit: str, id_source: str) -> None:
                          "nor the SAE's training rows), e.g. a ShapesWorld with another --seed")
 
 
-def check_source(source: str, flag: str) -> None:
-    """The one-line error now if ``source`` cannot give image embeddings (no model is loaded for this)."""
+def check_source(source: str, flag: str, spec: str | None = None) -> None:
+    """The one-line error now if ``source`` cannot give image embeddings of model ``spec`` (no model is
+    loaded for this)."""
     if is_cache(source):
         manifest = read_manifest(source)
+        if spec is not None and manifest.get("source") != spec:
+            raise VlsaeError(f"{flag}: activation cache {source} holds embeddings of '{manifest.get('source')}', "
+                             f"not of --model {spec}; extract it with the same model")
         if not manifest.get("complete"):
             raise VlsaeError(f"{flag}: activation cache {source} is unfinished; re-run its vlsae extract to finish it")
         if "image" not in manifest.get("modalities", []) or manifest.get("hook") not in IMAGE_HOOKS:
@@ -134,11 +138,8 @@ def load_set(name: str, source: str, flag: str, adapter: Adapter | None, spec: s
              batch_size: int = 128, max_skipped: float | None = 0.01, progress: bool = True) -> EmbeddingSet:
     """The image embeddings of one set: read from a cache, or extracted from shards into ``cache_root/name``."""
     if is_cache(source):
+        check_source(source, flag, spec)
         cache = Path(source)
-        manifest = read_manifest(cache)
-        if manifest.get("source") != spec:
-            raise VlsaeError(f"{flag}: activation cache {source} holds embeddings of '{manifest.get('source')}', "
-                             f"not of --model {spec}; extract it with the same model")
     else:
         cache = cache_root / name
         if not _reusable(cache, source, spec):

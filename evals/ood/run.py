@@ -92,7 +92,7 @@ def run_ood(config: OODConfig) -> dict[str, Any]:
     sources = {"fit": config.fit, "id": config.id, **ood_sets}
     flags = {"fit": "--fit", "id": "--id", **{name: f"--ood {name}" for name in ood_sets}}
     for name, source in sources.items():
-        check_source(source, flags[name])
+        check_source(source, flags[name], config.model)
     check_distinct(config.fit, config.id)
     sae = load_sae(config.sae).eval()
     _check_width(sae, sources, flags)

@@ -103,6 +103,10 @@ def test_bad_inputs_are_one_line_errors_before_any_extraction(setup, capsys):
     args[args.index("--id") + 1] = str(root / "fit-acts")
     assert main(args) == 2
     assert "same data as --fit" in _one_line_error(capsys)
+    args = _args(root, spec, classes, out)
+    args[args.index("--model") + 1] = "shapes-clip"  # the --fit cache holds the tiny CLIP's embeddings
+    assert main(args) == 2
+    assert "not of --model shapes-clip" in _one_line_error(capsys)
     assert main(_args(root, spec, classes, out, "--scores", "recn")) == 2
     assert "did you mean 'recon'" in _one_line_error(capsys)
     assert main(_args(root, spec, classes, out)[:-1] + ["--ood", "id=x", "--quiet"]) == 2
