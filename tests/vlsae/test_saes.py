@@ -17,8 +17,12 @@ from vlsae.sparse import SparseCode
 
 D, N, K = 16, 64, 4
 ARCHS = ["topk", "abstopk", "batchtopk", "matryoshka", "relu", "jumprelu", "mp"]
+ARCHS += ["mc", "fc", "gba", "vsae", "topafa"]  # issue 15, part A (tests/vlsae/test_variants_a.py has their formulas)
 KW = {"topk": {"k": K}, "abstopk": {"k": K}, "batchtopk": {"k": K}, "matryoshka": {"k": K}, "mp": {"k": K},
       "relu": {}, "jumprelu": {}}
+KW.update({"mc": {"k": K}, "fc": {"k": K}, "gba": {}, "vsae": {"k": K}, "topafa": {}})
+THRESHOLD_ARCHS = ("batchtopk", "matryoshka", "mc", "fc")  # inference thresholds learned in training passes
+NO_AUX_ARCHS = ("relu", "jumprelu", "gba")  # no AuxK term
 TENSORS = {
     "topk": {"W_enc", "b_enc", "W_dec", "b_dec"},
     "abstopk": {"W_enc", "b_enc", "W_dec", "b_dec"},
@@ -27,6 +31,11 @@ TENSORS = {
     "matryoshka": {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"},
     "jumprelu": {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"},
     "mp": {"W_dec", "b_dec"},
+    "mc": {"W_enc", "b_enc", "W_dec", "b_dec", "threshold", "density"},
+    "fc": {"W_enc", "b_enc", "W_dec", "b_dec", "threshold", "density", "demand"},
+    "gba": {"W_dec", "b_dec", "b_enc", "scale", "window_fires", "window_peak", "window_rows", "window_batches"},
+    "vsae": {"W_enc", "b_enc", "W_dec", "b_dec"},
+    "topafa": {"W_enc", "W_dec", "b_dec"},
 }
 
 
@@ -39,13 +48,13 @@ def perturbed(arch, **kw):
     sae = make(arch, **kw)
     with torch.no_grad():
         sae.b_dec.normal_(0, 0.3)
-        if hasattr(sae, "b_enc"):
+        if getattr(sae, "b_enc", None) is not None:
             sae.b_enc.normal_(0, 0.1)
         if arch == "jumprelu":
             sae.log_threshold.copy_(torch.empty(N).uniform_(math.log(0.1), math.log(1.0)))
-    if arch in ("batchtopk", "matryoshka"):
+    if arch in THRESHOLD_ARCHS:
         sae.training_forward(torch.randn(256, D) * 2, TrainContext())
-        assert float(sae.threshold) > 0
+        assert bool((sae.threshold > 0).any())
     return sae.eval()
 
 
@@ -147,7 +156,7 @@ def test_gradients_are_finite(arch):
     dead = torch.zeros(N, dtype=torch.bool)
     dead[::3] = True
     out = sae.training_forward(torch.randn(64, D), TrainContext(progress=0.5, dead_mask=dead))
-    if arch not in ("relu", "jumprelu"):
+    if arch not in NO_AUX_ARCHS:
         assert "auxk" in out.losses
     out.loss.backward()
     for name, p in sae.named_parameters():
@@ -402,7 +411,9 @@ def train(sae, x, steps=300, lr=1e-2, batch_size=128):
 def test_training_reduces_error_on_planted_data(arch):
     data = planted(4096, seed=0)
     x, test = data[:3072], data[3072:]
-    sae = make(arch, **({"l1_coef": 0.5} if arch == "relu" else {}))
+    # vsae's default sigma = 1 noise keeps its FVU near 0.33 here (it is the negative control); learned sigma trains
+    extra = {"relu": {"l1_coef": 0.5}, "vsae": {"learned_variance": True}}.get(arch, {})
+    sae = make(arch, **extra)
     sae.init_decoder_bias(x.mean(0))
     start = fvu(sae.eval(), test)
     end = fvu(train(sae, x), test)
