@@ -5,7 +5,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from evals.concepts.zf import zf_figure
 from vlsae.concepts import ConceptSummary
 
 
@@ -57,9 +59,13 @@ def planted_matrix_figure(folder: Path, probe: dict[str, Any], name: str = "plan
     return name
 
 
-def write_figures(folder: Path, summary: ConceptSummary, probe: dict[str, Any]) -> list[str]:
-    """Every figure the report shows, written into ``folder``; returns their file names in page order."""
+def write_figures(folder: Path, summary: ConceptSummary, probe: dict[str, Any],
+                  zf: dict[str, dict[str, torch.Tensor]] | None = None) -> list[str]:
+    """Every figure the report shows, written into ``folder``; returns their file names in page order.
+    ``zf``: :func:`evals.concepts.zf.zf_norms` of the report's rows, for the ZF plot."""
     names = [modality_score_figure(folder, summary)]
     if probe.get("matches"):
         names.append(planted_matrix_figure(folder, probe))
+    if zf:
+        names.append(zf_figure(folder, zf, _pyplot()))
     return names

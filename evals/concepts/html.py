@@ -148,14 +148,19 @@ tr.diff td{background:#fff3e0} .card{border:1px solid #ddd;border-radius:6px;pad
 def render_page(data: dict[str, Any], figures: list[str], cards: list[dict[str, Any]]) -> str:
     """index.html from the report's summary (``data``, as in summary.json), its figures and cards."""
     esc = html.escape
-    rows = "".join(f"<tr><td>{esc(m)}</td><td>{data['fvu'][m]:.4f}</td><td>{data['l0'][m]:.2f}</td></tr>"
-                   for m in data["fvu"])
+    zf = data.get("zf") or {}
+    rows = "".join(f"<tr><td>{esc(m)}</td><td>{data['fvu'][m]:.4f}</td><td>{data['l0'][m]:.2f}</td>"
+                   + (f"<td>{zf[m]['median_eps_lbo']:.3g}</td><td>{zf[m]['over_activated']:.0%}</td>"
+                      f"<td>{zf[m]['under_activated']:.0%}</td>" if m in zf else "<td></td><td></td><td></td>")
+                   + "</tr>" for m in data["fvu"])
     figs = "".join(f"<img class='fig' src='{esc(f)}'>" for f in figures)
     return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{esc(data['title'])}</title>"
             f"<style>{STYLE}</style></head><body>\n<h1>{esc(data['title'])}</h1>\n"
             f"<p>{data['pairs']} pairs &middot; {data['n_latents']} latents &middot; {data['alive_fraction']:.0%} alive "
             f"&middot; {data['multimodal_fraction']:.0%} multimodal (modality score in [0.2, 0.8]) &middot; mean "
             f"image-caption concept overlap {data['mean_pair_overlap']:.3f}</p>\n"
-            f"<h2>Reconstruction and sparsity</h2><table><tr><th>modality</th><th>FVU</th><th>L0</th></tr>{rows}</table>\n"
+            f"<h2>Reconstruction and sparsity</h2><table><tr><th>modality</th><th>FVU</th><th>L0</th>"
+            f"<th title='median epsilon_LBO of the ZF plot (top-AFA): 0 = code norm equals input norm'>median &epsilon;<sub>LBO</sub></th>"
+            f"<th>over-activated</th><th>under-activated</th></tr>{rows}</table>\n"
             f"{_fidelity_section(data)}{_planted_section(data)}<h2>Figures</h2>{figs}<h2>Concept cards</h2>"
             f"{''.join(_card_html(c) for c in cards)}</body></html>")

@@ -32,6 +32,7 @@ from evals.concepts.html import (
 )
 from evals.concepts.pairs import PairActivations, extract_pair_activations, read_images
 from evals.concepts.probes import planted_probe
+from evals.concepts.zf import zf_norms, zf_summary
 from multimodal.adapters import create_adapter
 from multimodal.pairs import DEFAULT_MAX_SKIPPED, PairReader, check_max_skipped
 from vlsae.alignment import AlignedSAE
@@ -71,13 +72,15 @@ def report_summary(title: str, summary: ConceptSummary, pairs: PairActivations, 
 
 
 def write_report(folder: Path, title: str, summary: ConceptSummary, pairs: PairActivations, probe: dict[str, Any],
-                 data: str, n_cards: int = 24, fidelity: dict[str, Any] | None = None) -> dict[str, Any]:
+                 data: str, n_cards: int = 24, fidelity: dict[str, Any] | None = None,
+                 zf: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Write index.html, summary.json, the figures and the card thumbnails into ``folder`` (the staging
     folder); the thumbnails' images are read back from the shards ``data``. ``fidelity``: the zero-shot
     accuracy with the reconstructions spliced in (:func:`evals.zeroshot.fidelity.fidelity_from_pairs`),
-    shown beside FVU. Returns the summary."""
+    shown beside FVU. ``zf``: :func:`evals.concepts.zf.zf_norms` of the rows, for the ZF plot and the
+    epsilon_LBO columns. Returns the summary."""
     (folder / "img").mkdir(parents=True, exist_ok=True)
-    figures = write_figures(folder, summary, probe)
+    figures = write_figures(folder, summary, probe, zf)
     if fidelity:
         figures.append(fidelity_figure(folder, fidelity))
     roles = probe.get("roles", {})
@@ -86,6 +89,7 @@ def write_report(folder: Path, title: str, summary: ConceptSummary, pairs: PairA
     cards = build_cards(folder, summary, pairs, roles, latents, images)
     result = report_summary(title, summary, pairs, probe)
     result["zero_shot_fidelity"] = fidelity
+    result["zf"] = zf_summary(zf) if zf else None
     atomic_write_text(folder / "summary.json", json.dumps(result, indent=2))
     atomic_write_text(folder / "index.html", render_page(result, figures, cards))
     return result
@@ -125,7 +129,8 @@ def concepts_report(sae_path: str | Path, data: str, model: str, out: str | Path
         fidelity = (fidelity_from_pairs(adapter, sae, pairs.metas, pairs.acts["image"], spliced_modalities(sae, sae_path))
                     if zero_shot and hook == "final" and "image" in pairs.acts else None)
         title = f"Concepts of {Path(sae_path).name} ({sae.arch}) on {model}"
-        write_report(staging, title, summary, pairs, probe, data, n_cards=n_cards, fidelity=fidelity)
+        write_report(staging, title, summary, pairs, probe, data, n_cards=n_cards, fidelity=fidelity,
+                     zf=zf_norms(sae, pairs.acts))
         replace_dir(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

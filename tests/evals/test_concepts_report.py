@@ -50,6 +50,8 @@ def test_concepts_cli_writes_a_report(setup, capsys):
     assert "probe ceiling" in html and "encodable_values" in summary["planted"]
     assert all({"ceiling_image", "ceiling_text"} <= set(m) for m in summary["planted_matches"])
     assert (out / "modality_score.png").exists() and any((out / "img").iterdir())
+    assert "zf_plot.png" in html and (out / "zf_plot.png").exists() and "LBO" in html
+    assert set(summary["zf"]) == {"image", "text"} and summary["zf"]["image"]["median_eps_lbo"] >= 0
     assert "report:" in capsys.readouterr().out
     # refuses to overwrite, and a width mismatch is one line
     assert main(["concepts", "--sae", str(root / "sae"), "--data", str(root / "world"), "--model", spec,
