@@ -7,7 +7,9 @@ MP, VL...) get ``k``; architectures steered by a sparsity penalty (ReLU + L1,
 JumpReLU + L0) get a coefficient calibrated by full-length runs (log-log secant
 on coefficient vs achieved test L0, starting from the arch's default; at most
 ``calibration_tries`` runs, stopping within 10% of the target) and the run
-closest to the target is the one scored. Short calibration runs were tried
+closest to the target is the one scored. Architectures with neither (``gba``:
+target firing frequencies; ``topafa``: a per-input k from the code norm) choose
+their own L0, and their row says what it came to. Short calibration runs were tried
 first and mislead: JumpReLU's thresholds keep climbing long after a short run
 ends, so its L0 at a third of the steps says little about the full run. Every
 row reports the achieved test L0 and the calibration history, so the equality
@@ -47,7 +49,7 @@ from vlsae.config import from_dict
 from vlsae.errors import VlsaeError
 from vlsae.files import atomic_write_text
 from vlsae.saes import create_sae, get_sae_class, is_multimodal_arch, list_archs
-from vlsae.training import TensorSource, TrainConfig, train
+from vlsae.training import TensorSource, TrainConfig, init_seed, train
 from vlsae.training.readout import Readout
 
 # Per suite: sizes that finish the default architecture list in about a minute
@@ -79,6 +81,9 @@ PENALTY_FIELDS = ("l1_coef", "sparsity_coef", "l0_coef", "l1_coefficient", "l0_c
 # docstring), too slowly for runs of a few thousand steps from the default 0.01;
 # inputs are scaled to E||x|| = sqrt(d_in), so planted activations are O(1).
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {"jumprelu": {"init_threshold": 0.5}}
+# GBA adapts its biases every ``interval`` steps (50 in the paper, whose runs are far
+# longer); a 1,500-step run would adapt 30 times, too few for the biases to settle.
+ARCH_DEFAULTS.update({"gba": {"interval": 10}})
 
 TABLE_COLUMNS: dict[str, list[tuple[str, str]]] = {
     "common": [("l0", "L0"), ("fvu", "FVU"), ("dead_fraction", "dead"), ("mmcs", "MMCS"),
@@ -139,7 +144,7 @@ def default_archs(suite: str, preset: str) -> list[str]:
 def _train_one(arch: str, d_in: int, n_latents: int, source: Any, sae_kw: dict[str, Any],
                steps: int, batch_size: int, seed: int, lr: float | None, device: str,
                train_options: dict[str, Any], readout: Readout | None = None) -> tuple[Any, dict[str, Any]]:
-    torch.manual_seed(seed)
+    torch.manual_seed(init_seed(seed))
     sae = create_sae(arch, d_in=d_in, n_latents=n_latents, **sae_kw)
     tc: dict[str, Any] = dict(progress=False, tensorboard=False, eval_rows=2048)
     tc.update(train_options)

@@ -81,14 +81,16 @@ def plant_readout(data: PlantedData, feature: int, scale: float) -> tuple[Plante
 
 
 def readout_scores(sae: Any, data: PlantedData, feature: int, readout: Readout) -> dict[str, float]:
-    """readout_cos: the readout feature's best |cosine| with a decoder direction of a live latent;
-    readout FVU of the SAE's test reconstructions."""
+    """readout_cos: the readout feature's best |cosine| with any decoder direction (as MMCS counts);
+    readout_cos_live: the same over latents that fire on the test rows under the SAE's own inference
+    encoder (g-SAE infers by plain TopK, so a learned driver latent may stay silent there);
+    and the readout fidelity of the SAE's test reconstructions."""
     codes, recon = encode_decode(sae, data.test)  # type: ignore[arg-type]
     live = (codes != 0).any(dim=0)
-    D = decoder_directions(sae)[live]
+    D = decoder_directions(sae)
     v = data.directions[feature]  # type: ignore[index]
-    cos = (D @ v) / D.norm(dim=1).clamp_min(1e-12)
-    out = {"readout_cos": float(cos.abs().max()) if cos.numel() else 0.0}
+    cos = ((D @ v) / D.norm(dim=1).clamp_min(1e-12)).abs()
+    out = {"readout_cos": float(cos.max()), "readout_cos_live": float(cos[live].max()) if bool(live.any()) else 0.0}
     out.update(readout.fidelity(data.test, recon))  # type: ignore[arg-type]
     return out
 

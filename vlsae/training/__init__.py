@@ -10,10 +10,10 @@ open_tensor_file), ``trainer`` (train), ``state`` (pickle-free resumable state),
 ``metrics`` (FVU, L0, shrinkage, geometric median), ``log`` (JSONL, TensorBoard,
 summary table), ``run`` (YAML run configs behind ``vlsae train``/``vlsae info``).
 """
-from vlsae.training.config import TrainConfig
+from vlsae.training.config import TrainConfig, init_seed
 from vlsae.training.data import ActivationSource, TensorSource, open_tensor_file
 from vlsae.training.metrics import evaluate, fvu, geometric_median, shrinkage
 from vlsae.training.trainer import TrainResult, train
 
-__all__ = ["TrainConfig", "ActivationSource", "TensorSource", "open_tensor_file", "evaluate", "fvu",
+__all__ = ["TrainConfig", "init_seed", "ActivationSource", "TensorSource", "open_tensor_file", "evaluate", "fvu",
            "geometric_median", "shrinkage", "TrainResult", "train"]

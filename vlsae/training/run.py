@@ -32,7 +32,7 @@ from vlsae.config import apply_overrides, from_dict, load_yaml, option, to_dict
 from vlsae.errors import VlsaeError
 from vlsae.files import atomic_write_text, looks_like_pickle
 from vlsae.saes import create_sae, get_sae_class, is_multimodal_arch, list_archs
-from vlsae.training.config import TrainConfig
+from vlsae.training.config import TrainConfig, init_seed
 from vlsae.training.readout import ReadoutLike, build_readout
 from vlsae.training.sources import DataSpec, resolve_data
 from vlsae.training.preflight import check_readout
@@ -146,7 +146,7 @@ def run_training(run: RunConfig, resume: bool = False, readout: ReadoutLike | No
     else:
         d_in = widths
         sae_values = dict(run.sae)
-    torch.manual_seed(run.train.seed)  # the SAE's initial weights are part of the run's seed
+    torch.manual_seed(init_seed(run.train.seed))  # the SAE's initial weights follow the run's seed, not the data's stream
     if resolved.hook and not sae_values.get("hook"):
         sae_values["hook"] = resolved.hook
     sae = create_sae(run.arch, {**sae_values, "d_in": d_in})
