@@ -3,7 +3,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from evals.synthetic.leaderboard import calibrate_penalty, default_archs, run_suite
 from vlsae.cli import main

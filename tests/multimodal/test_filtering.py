@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from multimodal.filtering import FilterConfig, PairBatch, filter_dataset, staging_dir
 from multimodal.filtering import run as run_module

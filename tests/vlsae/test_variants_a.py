@@ -3,7 +3,6 @@ MC = BatchTopK identity, exact resume of the buffers they keep, and the CLI.
 
 The contracts every architecture shares (shapes, save/load, scale folding, learning)
 are in test_saes.py, whose parametrised lists include these five."""
-import copy
 import json
 import math
 

@@ -12,7 +12,7 @@ from vlsae.errors import VlsaeError
 from vlsae.saes import TrainContext, create_sae
 from vlsae.saes.mp import merge_repeats
 from vlsae.training import TensorSource, TrainConfig, train
-from vlsae.training.readout import LinearReadout, Readout, as_readout, build_readout, list_readouts
+from vlsae.training.readout import LinearReadout, as_readout, build_readout, list_readouts
 from vlsae.training.sources import DataSpec
 
 D, N, K = 16, 64, 4

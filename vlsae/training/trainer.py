@@ -60,7 +60,7 @@ from vlsae.training.data import ActivationSource, Batch, TensorSource
 from vlsae.training.log import TENSORBOARD_DIR, MetricsLog, print_summary
 from vlsae.training.metrics import evaluate, geometric_median
 from vlsae.training.preflight import CHECKPOINT_DIR, TRAINING_JSON, check_compatible, check_out_dir, check_readout
-from vlsae.training.readout import Readout, ReadoutLike, as_readout
+from vlsae.training.readout import ReadoutLike, as_readout
 from vlsae.training.state import (optimizer_from_flat, optimizer_to_flat, read_state, rng_from_flat, rng_to_flat,
                                   write_state)
 
