@@ -81,7 +81,8 @@ def test_yaml_flags_and_set_overrides(tmp_path, acts):
 
 @pytest.mark.parametrize("case", ["missing", "pickle", "truncated", "nan", "empty", "arch", "key", "sae_key",
                                   "two_sources", "no_data", "resume_nothing", "bad_yaml"])
-def test_bad_input_exits_2_with_one_line(tmp_path, acts, capsys, case):
+def test_bad_input_exits_2_with_one_line(tmp_path, acts, capsys, case, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --out is runs/ARCH-TIME under the working directory
     data = str(acts)
     if case == "pickle":
         data = str(tmp_path / "w.safetensors")
@@ -117,6 +118,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, acts, capsys, case):
     err = one_line_error(capsys, argv)
     import re
     assert re.search(expected, err), err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), "a refused run left a folder"
 
 
 def test_runs_are_protected(tmp_path, acts, capsys):

@@ -19,6 +19,7 @@ built once the data's width is known.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,10 +154,17 @@ def run_training(run: RunConfig, resume: bool = False, readout: ReadoutLike | No
     if readout is None and run.readout:
         check_readout(sae, True, paired=isinstance(widths, dict))
         readout = build_readout(run.readout, run.data, d_in)
+    fresh_folder = out is not None and not resume and not out.exists()
     if out is not None and not resume:
         _write_run_yaml(out, run)
-    result = train(sae, source, run.train, out_dir=out, resume=resume, metadata=metadata, eval_source=held_out,
-                   readout=readout)
+    try:
+        result = train(sae, source, run.train, out_dir=out, resume=resume, metadata=metadata, eval_source=held_out,
+                       readout=readout)
+    except VlsaeError:
+        # bad data found before the first checkpoint (NaN rows, an empty source): leave no run behind
+        if fresh_folder and out is not None and not (out / CHECKPOINT_DIR).exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     if projector is not None:
         if out is not None:
             projector.save(out)
