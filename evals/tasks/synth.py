@@ -34,6 +34,8 @@ class SynthConfig:
     options: dict = option(factory=dict, help="suite options, e.g. {correlation: 0.3}")
     sae_options: dict = option(factory=dict, help="SAE config values per arch, e.g. {mp: {residual_threshold: 0.05}}")
     train_options: dict = option(factory=dict, help="trainer settings, e.g. {b_dec_init: zeros}")
+    readout: dict | None = option(None, help="planted linear readout {feature: J, scale: c} every arch gets (g-SAE needs one; "
+                                             "default: none, feature 0 at scale 1 when an arch needs it)")
     device: str = option("auto", help="training device: auto, cpu or cuda")
     out: str | None = option(None, help="write the leaderboard rows to this JSON file")
     overwrite: bool = option(False, help="replace an existing out file")
@@ -53,7 +55,7 @@ class SynthTask(Task):
                          seed=config.seed, seeds=config.seeds, preset=config.preset, n_train=config.n_train,
                          n_test=config.n_test, noise=config.noise, batch_size=config.batch_size, lr=config.lr,
                          device=config.device, options=config.options, arch_options=config.sae_options,
-                         train_options=config.train_options, out=config.out, overwrite=config.overwrite,
+                         train_options=config.train_options, readout=config.readout, out=config.out, overwrite=config.overwrite,
                          show=config.progress)
         return {"suite": config.suite, "rows": rows, "out": config.out}
 

@@ -102,6 +102,20 @@ def test_cli_synth_end_to_end(tmp_path, capsys):
     assert "topk" in capsys.readouterr().out
 
 
+def test_cli_synth_readout_flag_plants_the_readout(tmp_path, capsys):
+    out = tmp_path / "synth.json"
+    assert main(["synth", "--suite", "independent", "--archs", "topk,gsae", "--steps", "20", "--n-train", "1000",
+                 "--n-test", "300", "--latents", "32", "--k", "3", "--option", "n_features=32", "--option", "d=16",
+                 "--readout", "feature=2", "--readout", "scale=0.5", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["settings"]["readout"] == {"feature": 2, "scale": 0.5}
+    assert all(0.0 <= r["readout_cos"] <= 1.0 for r in saved["rows"])
+    assert "readout cos" in capsys.readouterr().out
+    assert main(["synth", "--suite", "independent", "--archs", "topk", "--readout", "feature=99", "--steps", "5",
+                 "--option", "n_features=32"]) == 2
+    assert "readout feature must be a planted feature index in 0..31" in capsys.readouterr().err
+
+
 def test_cli_synth_errors(tmp_path, capsys):
     assert main(["synth", "--suite", "hierarchical", "--archs", "nope", "--steps", "5"]) == 2
     assert "unknown SAE architecture" in capsys.readouterr().err

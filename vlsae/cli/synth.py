@@ -43,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="SAE config value for one arch, e.g. mp.residual_threshold=0.05 (repeatable; default: none)")
     parser.add_argument("--train-option", action="append", default=[], metavar="KEY=VALUE",
                         help="trainer setting, e.g. betas=[0.5,0.9375] or b_dec_init=zeros (repeatable; default: none)")
+    parser.add_argument("--readout", action="append", default=[], metavar="KEY=VALUE",
+                        help="planted linear readout every arch gets, feature=J and scale=c (feature J's codes times c: a "
+                             "small-norm feature that drives the readout); g-SAE needs one (repeatable; default: none, "
+                             "feature=0 scale=1 when an arch needs it)")
     parser.add_argument("--device", default="auto", help="training device: auto, cpu or cuda (default: auto)")
     parser.add_argument("--out", default=None, help="write the leaderboard rows to this JSON file (default: none, table only)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -68,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
                          options=parse_key_values(args.option, "--option", "correlation=0.3"),
                          sae_options=_sae_options(args.sae_option),
                          train_options=parse_key_values(args.train_option, "--train-option", "b_dec_init=zeros"),
+                         readout=parse_key_values(args.readout, "--readout", "feature=0") or None,
                          device=args.device, out=args.out, overwrite=args.overwrite)
     result = run_task("synth", config)
     for line in SynthTask.describe(result):
