@@ -26,7 +26,7 @@ a colour latent is "as strongly as the word itself makes it fire".
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor
@@ -117,6 +117,19 @@ class _LatentEdit(Intervention):
     def _rows_directions(self) -> Tensor:
         return self.sae.directions()[self.latents]  # (chosen, width)
 
+    def _edit_read_latents(self, h: Tensor, mask: Tensor, delta: Callable[[Tensor], Tensor]) -> Tensor:
+        """The edit that moves the chosen latents by ``delta(current)`` (rows, chosen) on the selected tokens,
+        written through their decoder directions; zero elsewhere. ``current``: what the SAE reads there."""
+        out = torch.zeros_like(h)
+        rows = h[mask]  # (m, width)
+        if rows.shape[0] == 0:
+            return out
+        code = self.sae.encode(rows)
+        latents = torch.tensor(self.latents, device=code.indices.device)
+        current = _latent_values(code.values, code.indices, latents).float()  # (m, chosen)
+        out[mask] = (delta(current) @ self._rows_directions().to(current.device)).to(h.dtype)
+        return out
+
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "latents": list(self.latents), "scale": [round(float(s), 4) for s in self._scale]}
 
@@ -149,16 +162,9 @@ class Clamp(_LatentEdit):
     value: float = 1.0
 
     def change(self, h: Tensor, mask: Tensor) -> Tensor:
-        out = torch.zeros_like(h)
-        rows = h[mask]  # (m, width)
-        if rows.shape[0] == 0:
-            return out
-        code = self.sae.encode(rows)
-        latents = torch.tensor(self.latents, device=code.indices.device)
-        current = _latent_values(code.values, code.indices, latents).float()  # (m, chosen)
-        target = (float(self.value) * self._scale).to(current.device).expand_as(current)
-        out[mask] = ((target - current) @ self._rows_directions().to(current.device)).to(h.dtype)
-        return out
+        def to_target(current: Tensor) -> Tensor:
+            return (float(self.value) * self._scale).to(current.device).expand_as(current) - current
+        return self._edit_read_latents(h, mask, to_target)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "value": float(self.value)}
@@ -176,15 +182,7 @@ class Ablate(_LatentEdit):
         return float(self.strength) == 0.0
 
     def change(self, h: Tensor, mask: Tensor) -> Tensor:
-        out = torch.zeros_like(h)
-        rows = h[mask]
-        if rows.shape[0] == 0:
-            return out
-        code = self.sae.encode(rows)
-        latents = torch.tensor(self.latents, device=code.indices.device)
-        current = _latent_values(code.values, code.indices, latents).float()
-        out[mask] = ((-float(self.strength) * current) @ self._rows_directions().to(current.device)).to(h.dtype)
-        return out
+        return self._edit_read_latents(h, mask, lambda current: -float(self.strength) * current)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "strength": float(self.strength)}
