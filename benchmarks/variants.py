@@ -239,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world-train", type=int, default=6000, help="training pairs for gba_shapesworld (default 6000)")
     parser.add_argument("--gsae-scales", type=lambda s: [float(v) for v in s.split(",")], default=[0.2, 0.5],
                         help="gsae: factors on the readout feature's codes (default 0.2,0.5)")
+    parser.add_argument("--gsae-betas", type=lambda s: [float(v) for v in s.split(",")], default=[1.0, 4.0],
+                        help="gsae: weights of the downstream-effect term (default 1,4)")
     parser.add_argument("--itda-l0", type=lambda s: [float(v) for v in s.split(",")], default=[1.0, 5.0],
                         help="itda: expected active features per row of the suites (default 1,5)")
     parser.add_argument("--itda-thresholds", type=lambda s: [float(v) for v in s.split(",")], default=[0.1, 0.02],

@@ -32,18 +32,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 @claim("gsae")
 def gsae_readout(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """g-SAE vs TopK at k = 3 on 64 planted features (d = 64, 64 latents), a linear readout along feature 0
-    whose codes are shrunk by ``scale`` (the leaderboard's planted readout)."""
+    """g-SAE (at each beta) vs TopK at k = 3 on 64 planted features (d = 64, 64 latents), a linear readout along
+    feature 0 whose codes are shrunk by ``scale`` (the leaderboard's planted readout)."""
     keys = [("readout_cos", "readout |cos|"), ("readout_cos_live", "same, live latents"), ("mmcs", "MMCS"),
             ("frr_0.9", "FRR@0.9"), ("fvu", "FVU"), ("readout_fvu", "readout FVU")]
     out = []
     for scale in args.gsae_scales:
-        runs: dict[str, list[dict[str, Any]]] = {"topk": [], "gsae": []}
+        runs: dict[str, list[dict[str, Any]]] = {"topk": [], **{f"gsae beta={b:g}": [] for b in args.gsae_betas}}
         for seed in range(args.seed, args.seed + args.seeds):
-            rows = run_suite("independent", ["topk", "gsae"], n_latents=64, k=3, steps=args.steps, seed=seed,
-                             options={"n_features": 64, "d": 64}, readout={"feature": 0, "scale": scale}, show=False)
-            for row in rows:
-                runs[row["arch"]].append(row)
+            for i, beta in enumerate(args.gsae_betas):
+                rows = run_suite("independent", ["topk", "gsae"] if i == 0 else ["gsae"], n_latents=64, k=3,
+                                 steps=args.steps, seed=seed, options={"n_features": 64, "d": 64},
+                                 arch_options={"gsae": {"beta": beta}}, readout={"feature": 0, "scale": scale}, show=False)
+                for row in rows:
+                    runs["topk" if row["arch"] == "topk" else f"gsae beta={beta:g}"].append(row)
         out += [{"scale": scale, **r} for r in arms_table(
             f"g-SAE: readout along planted feature 0 with its codes x {scale}; 64 features, d=64, 64 latents, k=3, "
             f"{args.steps} steps", runs, keys)]
