@@ -114,10 +114,16 @@ def test_zoo_actions_have_their_own_help(capsys):
 
 
 def test_a_multi_process_launch_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
-    """torchrun --nproc-per-node 2 would run two trainings into one --out: refused in one line until training is data-parallel."""
+    """Only `vlsae train` is data-parallel: under torchrun any other verb would do its whole job in every
+    process into one output, so it is refused in one line (tests/vlsae/test_distributed.py runs train)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
+    err = one_line(capsys, ["synth", "--suite", "independent", "--archs", "topk", "--steps", "5",
+                            "--out", str(tmp_path / "synth")])
+    assert "WORLD_SIZE=2" in err and "vlsae synth" in err and not (tmp_path / "synth").exists()
+    assert "does not run data-parallel" in one_line(capsys, ["info", str(tmp_path)])
+    # train joins torchrun's process group, and says so when the launch is not torchrun's
     err = one_line(capsys, ["train", "--synthetic", "hierarchical", "--steps", "5", "--out", str(tmp_path / "run")])
-    assert "WORLD_SIZE=2" in err and not (tmp_path / "run").exists()
+    assert "MASTER_ADDR" in err and not (tmp_path / "run").exists()
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert main(["train", "--synthetic", "hierarchical", "--steps", "5", "--latents", "16", "--k", "2", "--quiet",
                  "--set", "data.n_train=500", "--set", "data.n_test=100", "--out", str(tmp_path / "run")]) == 0

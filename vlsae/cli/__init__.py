@@ -5,7 +5,10 @@ Each verb lives in its own module in this package and exposes
 adding a verb means adding its module (``vlsae/cli/ood.py`` is ``vlsae ood``).
 This is the one place allowed to tie every vlsae package together. User
 errors (:class:`vlsae.VlsaeError`) print one line on stderr and exit with 2;
-anything else is a bug and keeps its traceback.
+anything else is a bug and keeps its traceback. A verb that runs data-parallel under
+``torchrun`` sets ``DATA_PARALLEL = True`` (only ``train``); every other verb refuses a
+multi-process launch. Under torchrun only rank 0 prints a user error: the checks read the same
+config and data on every rank (and a step's checks are all-reduced), so its line speaks for all.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import pkgutil
 import sys
 
 from vlsae.errors import VlsaeError
+from vlsae.training.distributed import end_process, env_world_size, is_main_process
 
 # The order `vlsae --help` lists verbs in; a verb module not named here (a new application's) follows them.
 ORDER = ("demo", "synth", "train", "info", "world", "zoo", "extract", "concepts", "eval")
@@ -43,18 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     for verb, module in _available_verbs().items():
         verb_parser = sub.add_parser(verb, help=module.HELP, description=module.HELP)
         module.add_arguments(verb_parser)
-        verb_parser.set_defaults(_run=module.run)
+        verb_parser.set_defaults(_run=module.run, _data_parallel=getattr(module, "DATA_PARALLEL", False))
     return parser
 
 
-def _refuse_multi_process_launch() -> None:
-    """No verb is data-parallel yet: under ``torchrun --nproc-per-node N`` every rank would run the whole
-    job and race into the same --out, so refuse before any work instead of writing N copies."""
-    world = os.environ.get("WORLD_SIZE", "1").strip() or "1"
-    if world.isdigit() and int(world) > 1:
-        raise VlsaeError(f"launched as {world} processes (WORLD_SIZE={world}, e.g. by torchrun), but vlsae does not run "
-                         "data-parallel yet: each process would train its own copy into the same --out; run it as "
-                         "one process")
+def _refuse_multi_process_launch(verb: str) -> None:
+    """Under ``torchrun --nproc-per-node N`` a verb that is not data-parallel would run the whole job
+    in every rank and race into the same output, so refuse before any work instead of writing N copies."""
+    world = env_world_size()
+    if world > 1:
+        raise VlsaeError(f"launched as {world} processes (WORLD_SIZE={world}, e.g. by torchrun), but `vlsae {verb}` "
+                         "does not run data-parallel (only `vlsae train` does): each process would do the whole job "
+                         "into the same output; run it as one process")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,11 +68,18 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "verb", None):
         parser.print_help()
         return 2
+    args._argv = list(sys.argv[1:] if argv is None else argv)  # for a verb that re-launches itself (train --nproc)
+    return end_process(_run_verb(args))  # a torchrun rank ends here (see end_process); otherwise returns
+
+
+def _run_verb(args: argparse.Namespace) -> int:
     try:
-        _refuse_multi_process_launch()
+        if not args._data_parallel:
+            _refuse_multi_process_launch(args.verb)
         return int(args._run(args) or 0)
     except VlsaeError as exc:
-        print(f"vlsae {args.verb}: error: {exc}", file=sys.stderr)
+        if is_main_process():
+            print(f"vlsae {args.verb}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"vlsae {args.verb}: interrupted", file=sys.stderr)

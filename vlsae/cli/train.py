@@ -4,20 +4,29 @@ Precedence, lowest first: the run folder's saved ``run.yaml`` (with --resume),
 the --config file, the flags, then --set overrides. Without ``--out`` (and no
 ``out:`` in the config) the run goes to a fresh folder under ``runs/``, printed
 before training starts, so a finished SAE is never thrown away.
+
+Data-parallel: ``torchrun --nproc-per-node N -m vlsae train ...`` (or ``vlsae train --nproc N
+...``, which launches exactly that through ``torch.distributed.run``) trains one SAE in N
+processes, ``--batch-size`` being the global batch (:mod:`vlsae.training.distributed`).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from vlsae.errors import VlsaeError
-from vlsae.saes import list_archs
+from vlsae.saes import get_sae_class, list_archs
 from vlsae.training.config import TrainConfig
+from vlsae.training.distributed import check_data_parallel, env_world_size, session
 from vlsae.training.run import RunConfig, load_run_config, run_training, saved_run_config
 from vlsae.training.trainer import check_out_dir
 
 HELP = "train an SAE on a tensor file, an activation cache or a planted-feature suite"
+DATA_PARALLEL = True  # runs under torchrun: each process trains on its slice of every batch
 RUNS_DIR = "runs"
 _TRAIN = TrainConfig()
 
@@ -47,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--out", help=f"run folder, never overwritten (default: a fresh {RUNS_DIR}/ARCH-TIMESTAMP folder)")
     run.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from its last checkpoint")
     run.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
+    run.add_argument("--nproc", type=int, metavar="N",
+                     help="train data-parallel in N processes on this machine, launched through torch.distributed.run "
+                          "(gloo on the CPU, one GPU each on CUDA); --batch-size stays the global batch and must be a "
+                          "multiple of N (default 1: this process alone)")
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
@@ -71,7 +84,7 @@ def fresh_run_dir(arch: str, root: str | Path = RUNS_DIR) -> Path:
     return candidate
 
 
-def run(args: argparse.Namespace) -> int:
+def _run_config(args: argparse.Namespace) -> RunConfig:
     base = None
     if args.resume:
         if not args.out:
@@ -82,12 +95,60 @@ def run(args: argparse.Namespace) -> int:
             raise VlsaeError(f"{args.out} has a checkpoint but no run.yaml; pass the run's --config and flags again with --resume")
     elif args.config is None and not (args.data or args.acts or args.synthetic):
         raise VlsaeError("no training data: pass --config FILE, --data FILE, --acts DIR or --synthetic SUITE")
-    run_config = load_run_config(args.config, overrides=[*_flag_overrides(args), *args.set], base=base)
-    if run_config.out is None:
-        run_config.out = str(fresh_run_dir(run_config.arch))
-        print(f"vlsae train: no --out given; writing the run to {run_config.out}")
-    result = run_training(run_config, resume=args.resume)
+    return load_run_config(args.config, overrides=[*_flag_overrides(args), *args.set], base=base)
+
+
+def run(args: argparse.Namespace) -> int:
+    run_config = _run_config(args)
+    if args.nproc is not None and args.nproc != 1:
+        return launch(args, run_config)
+    with session(run_config.train.device) as replicas:
+        if run_config.out is None:  # rank 0 names the folder, so every rank writes to the same one
+            run_config.out = replicas.broadcast_object(str(fresh_run_dir(run_config.arch)) if replicas.is_main else None)
+            if replicas.is_main:
+                print(f"vlsae train: no --out given; writing the run to {run_config.out}")
+        result = run_training(run_config, resume=args.resume)
+        if not replicas.is_main:
+            return 0
     s = result.summary
     print(f"fvu {s['fvu']:.4f}  l0 {s['l0']:.2f}  dead {s['dead_fraction']:.3f}  ({s['eval_split']}, {s['eval_rows']} rows)")
     print(f"saved {result.sae.arch} SAE to {result.out_dir}")
     return 0
+
+
+def launch(args: argparse.Namespace, run_config: RunConfig) -> int:
+    """``--nproc N``: check what can be checked here, then run this same command in N processes with
+    ``python -m torch.distributed.run --standalone --nproc-per-node N -m vlsae train ...``."""
+    n = args.nproc
+    if n < 1:
+        raise VlsaeError(f"--nproc must be at least 1, got {n}")
+    if env_world_size() > 1:
+        raise VlsaeError("--nproc launches its own processes; under torchrun leave it out (torchrun's "
+                         "--nproc-per-node sets the number)")
+    check_data_parallel(get_sae_class(run_config.arch), run_config.train.batch_size, n)
+    argv = _without_nproc(args._argv)
+    if run_config.out is None:
+        run_config.out = str(fresh_run_dir(run_config.arch))
+        print(f"vlsae train: no --out given; writing the run to {run_config.out}")
+        argv += ["--out", run_config.out]
+    check_out_dir(run_config.out, args.resume)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))  # torchrun's default would be 1
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
+               "-m", "vlsae", *argv]
+    return subprocess.run(command, env=env).returncode
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """argv less its --nproc N (or --nproc=N, or an abbreviation argparse took for it): torch's launcher
+    would read it as its own --nproc-per-node, and the launched processes run as one rank each."""
+    out, skip = [], False
+    for token in argv:
+        name = token.split("=", 1)[0]
+        if skip:
+            skip = False
+        elif len(name) >= 3 and "--nproc".startswith(name):
+            skip = "=" not in token
+        else:
+            out.append(token)
+    return out

@@ -16,8 +16,10 @@ a single-stream SAE ignores the modality.
 """
 from __future__ import annotations
 
+import contextlib
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import ClassVar, Union
+from typing import Callable, ClassVar, Iterator, Union
 
 import torch
 from torch import nn
@@ -85,6 +87,10 @@ class SAE(nn.Module):
     # CPU has bf16 matrix units; the chosen latents' values, the loss and every
     # gradient are recomputed in full precision, so only near-ties can differ.
     selection_dtype: torch.dtype | None = None
+    # How a data-parallel run (vlsae.training.distributed) all-reduces each persistent floating
+    # buffer after the backward pass: buffer name -> "mean" (the default for a buffer not named),
+    # "min", "max" or "none" (a buffer every rank computes alike from already synchronised ones).
+    buffer_reductions: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: SAEConfig):
         super().__init__()
@@ -146,6 +152,11 @@ class SAE(nn.Module):
     def training_forward(self, x: Batch, ctx: TrainContext) -> TrainOutput:
         """Reconstruction, named loss terms and the code, for one training batch."""
         raise NotImplementedError
+
+    def edits_parameters_in_forward(self, step: int) -> bool:
+        """True when ``training_forward`` at ``step`` may set parameters from the batch itself (not
+        through the optimizer); a data-parallel run then copies rank 0's parameters to every rank."""
+        return False
 
     # ------------------------------------------------ decoder-norm handling
     @torch.no_grad()
@@ -262,18 +273,55 @@ def dense_pre_activations(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Ten
     return torch.addmm(b_enc, centred, W_enc.t())
 
 
+# ------------------------------------------------------------ batch normalisers
+# In a data-parallel run each rank holds a slice of the global batch. For the training forward
+# the trainer sets a function that sums a tensor over the ranks; the variances that normalise the
+# losses are then the global batch's, so the mean of the ranks' losses is the global batch's loss
+# (the losses are means over rows divided by a global statistic) and the run does not depend on
+# the number of ranks beyond float order.
+_RANK_SUM: ContextVar[Callable[[torch.Tensor], torch.Tensor] | None] = ContextVar("vlsae_rank_sum", default=None)
+
+
+@contextlib.contextmanager
+def global_batch(rank_sum: Callable[[torch.Tensor], torch.Tensor] | None) -> Iterator[None]:
+    """Within the block, batch normalisers are the global batch's: ``rank_sum(t)`` sums ``t`` over the ranks
+    (no gradient flows through it). ``None``: this process holds the whole batch (nothing changes)."""
+    token = _RANK_SUM.set(rank_sum)
+    try:
+        yield
+    finally:
+        _RANK_SUM.reset(token)
+
+
+def row_variance(x: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch's rows of ||x - mean(x)||^2, x: (batch, d); the global batch's in a data-parallel
+    run (computed without gradient there: it normalises, it is not optimised)."""
+    rank_sum = _RANK_SUM.get()
+    if rank_sum is None:
+        return (x - x.mean(0)).pow(2).sum(dim=1).mean()
+    with torch.no_grad():
+        x = x.detach()
+        head = rank_sum(torch.cat([x.sum(0), x.new_tensor([x.shape[0]])]))
+        rows = head[-1]
+        spread = rank_sum((x - head[:-1] / rows).pow(2).sum().reshape(1))
+        return spread[0] / rows
+
+
 def auxk_loss(residual: torch.Tensor, aux_recon: torch.Tensor, n_dead: int, k_aux: int) -> torch.Tensor:
     """Gao et al.'s AuxK term: how well the dead latents model the residual,
     normalised by the residual's variance and scaled by min(n_dead / k_aux, 1).
 
     residual: (batch, d) detached x - x_hat; aux_recon: (batch, d) decoded dead latents, no bias.
     """
-    var = (residual - residual.mean(0)).pow(2).sum(dim=1).mean().clamp_min(1e-8)
+    var = row_variance(residual).clamp_min(1e-8)
     err = (aux_recon - residual).pow(2).sum(dim=1).mean() / var
     return err * min(n_dead / max(k_aux, 1), 1.0)
 
 
 def normalized_mse(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-    """sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the batch (the batch FVU)."""
+    """sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the batch (the batch FVU). In a data-parallel
+    training forward: this slice's mean row error over the global batch's :func:`row_variance`."""
+    if _RANK_SUM.get() is not None:
+        return (x - recon).pow(2).sum(dim=1).mean() / row_variance(x).clamp_min(1e-12)
     var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-8)
     return (x - recon).pow(2).sum() / var

@@ -47,6 +47,9 @@ class BatchTopKConfig(TopKConfig):
 class BatchTopKSAE(LinearEncoderSAE):
     config_class = BatchTopKConfig
     config: BatchTopKConfig
+    # data-parallel: every rank moves the EMA towards its slice's smallest selected value;
+    # the min over ranks is the move towards the global batch's smallest one
+    buffer_reductions = {"threshold": "min"}
 
     def __init__(self, config: BatchTopKConfig):
         super().__init__(config)

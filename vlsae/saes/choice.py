@@ -208,6 +208,7 @@ class MutualChoiceSAE(_ChoiceAux, BatchTopKSAE):
 class FeatureChoiceSAE(_ChoiceAux, LinearEncoderSAE):
     config_class = FeatureChoiceConfig
     config: FeatureChoiceConfig
+    buffer_reductions = {"threshold": "min"}  # data-parallel: each latent's smallest chosen value over ranks
 
     def __init__(self, config: FeatureChoiceConfig):
         super().__init__(config)

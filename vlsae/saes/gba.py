@@ -118,6 +118,10 @@ def group_targets(n_latents: int, groups: int, high: float, low: float) -> tuple
 class GBASAE(SAE):
     config_class = GBAConfig
     config: GBAConfig
+    # data-parallel: the window counts add every rank's rows (window_batches counts steps, the
+    # default mean keeps it); the peak is the max over ranks; b_enc is adapted from those
+    # synchronised statistics alike on every rank
+    buffer_reductions = {"window_fires": "sum", "window_rows": "sum", "window_peak": "max", "b_enc": "none"}
 
     def __init__(self, config: GBAConfig):
         super().__init__(config)

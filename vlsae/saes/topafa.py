@@ -38,7 +38,7 @@ from vlsae.config import option
 from vlsae.errors import VlsaeError
 from vlsae.kernels import sparse_decode
 from vlsae.saes import register_sae
-from vlsae.saes.base import SAEConfig, TrainContext, TrainOutput, normalized_mse
+from vlsae.saes.base import SAEConfig, TrainContext, TrainOutput, normalized_mse, row_variance
 from vlsae.saes.topk import LinearEncoderSAE
 from vlsae.sparse import SparseCode
 
@@ -113,7 +113,7 @@ class TopAFASAE(LinearEncoderSAE):
         recon = sparse_decode(indices, values, self.W_dec) + self.b_dec
         code_norms = (values * self.W_dec.norm(dim=1)[indices]).pow(2).sum(dim=1).clamp_min(1e-12).sqrt()
         input_norms = (x - self.b_dec).norm(dim=1)
-        per_dim_variance = (x - x.mean(0)).pow(2).mean().clamp_min(1e-8)
+        per_dim_variance = (row_variance(x) / x.shape[1]).clamp_min(1e-8)
         losses = {"mse": normalized_mse(x, recon),
                   "afa": self.config.afa_coef * (code_norms - input_norms).pow(2).mean() / per_dim_variance}
         losses.update(self.aux_loss(x, pre, recon, ctx, self.config.aux_width, self.config.aux_coef))

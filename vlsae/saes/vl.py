@@ -131,6 +131,11 @@ class VLSAE(PerModalityDecoderSAE):
         self.W_enc = nn.Parameter(torch.empty(config.n_latents, config.d_in))
         nn.init.kaiming_uniform_(self.W_enc, a=5 ** 0.5)
 
+    def edits_parameters_in_forward(self, step: int) -> bool:
+        """The dead-row re-initialisation sets W_enc rows to this batch's inputs."""
+        every = self.config.reinit_dead_every
+        return bool(every) and step > 0 and step % every == 0
+
     def concept_directions(self) -> torch.Tensor:
         """(n_latents, d_in) unit concept vectors."""
         return F.normalize(self.W_enc, dim=1)

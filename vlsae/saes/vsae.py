@@ -39,7 +39,7 @@ from vlsae.config import option
 from vlsae.errors import VlsaeError
 from vlsae.kernels import sparse_decode
 from vlsae.saes import register_sae
-from vlsae.saes.base import TrainContext, TrainOutput, normalized_mse
+from vlsae.saes.base import TrainContext, TrainOutput, normalized_mse, row_variance
 from vlsae.saes.topk import TopKConfig, TopKSAE
 from vlsae.sparse import SparseCode
 
@@ -98,7 +98,7 @@ class VSAE(TopKSAE):
             indices = sample.abs().topk(self.config.k, dim=1, sorted=False).indices
         values = sample.gather(1, indices)
         recon = sparse_decode(indices, values, self.W_dec) + self.b_dec
-        variance = (x - x.mean(0)).pow(2).sum(dim=1).mean().clamp_min(1e-8)
+        variance = row_variance(x).clamp_min(1e-8)
         losses = {"mse": normalized_mse(x, recon),
                   "kl": self.kl_weight(ctx.progress) * gaussian_kl(mu, log_var).mean() / variance}
         losses.update(self.aux_loss(x, pre.detach(), recon, ctx, self.config.aux_width, self.config.aux_coef))

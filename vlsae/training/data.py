@@ -73,17 +73,22 @@ class TensorSource:
     def _permutation(self, seed: int) -> torch.Tensor:
         return torch.randperm(self._rows, generator=torch.Generator().manual_seed(seed))
 
-    def batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[Batch]:
+    def batches(self, batch_size: int, seed: int, start: int = 0, part: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
         """Epoch e is a fresh permutation seeded by (seed, e), cut into rows // batch_size
         full batches (the remainder waits for a later epoch's shuffle; with fewer rows
         than batch_size each batch is the whole set). Batch ``start`` is found by
-        arithmetic, so resuming costs one permutation, not a replay."""
+        arithmetic, so resuming costs one permutation, not a replay.
+
+        part: (rank, world) of a data-parallel run: only that rank's contiguous slice of each
+        batch is read (``tensor_split`` of the batch's rows in ``world``), the same stream cut up."""
+        rank, world = part
         per_epoch = max(1, self._rows // batch_size)
         epoch, offset = divmod(start, per_epoch)
         while True:
             perm = self._permutation(seed * 1_000_003 + epoch)
             for i in range(offset, per_epoch):
-                yield self._take(perm[i * batch_size:(i + 1) * batch_size])
+                rows = perm[i * batch_size:(i + 1) * batch_size]
+                yield self._take(rows.tensor_split(world)[rank] if world > 1 else rows)
             epoch, offset = epoch + 1, 0
 
     def sample(self, n: int, seed: int = 0) -> Batch:

@@ -73,7 +73,10 @@ def recover_checkpoint(out: Path) -> None:
     checkpoint, which goes back into place here."""
     old = out / f".{CHECKPOINT_DIR}.old"
     if old.is_dir() and not (out / CHECKPOINT_DIR).exists() and not (out / TRAINING_JSON).exists():
-        old.rename(out / CHECKPOINT_DIR)
+        try:
+            old.rename(out / CHECKPOINT_DIR)
+        except FileNotFoundError:  # another process of a data-parallel run put it back first
+            pass
 
 
 def check_readout(sae: SAE | type[SAE], has_readout: bool, paired: bool = False) -> None:

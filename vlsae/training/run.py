@@ -34,6 +34,7 @@ from vlsae.errors import VlsaeError
 from vlsae.files import atomic_write_text, looks_like_pickle
 from vlsae.saes import create_sae, get_sae_class, is_multimodal_arch, list_archs
 from vlsae.training.config import TrainConfig, init_seed
+from vlsae.training.distributed import is_main_process, rank_device, setup
 from vlsae.training.readout import ReadoutLike, build_readout
 from vlsae.training.sources import DataSpec, resolve_data
 from vlsae.training.preflight import check_readout
@@ -124,13 +125,16 @@ def run_training(run: RunConfig, resume: bool = False, readout: ReadoutLike | No
                          f"architecture ({multi})")
     metadata: dict[str, Any] = {"data": to_dict(run.data)}
     projector = None
+    main = is_main_process()  # under torchrun only rank 0 writes the run folder and prints
     if run.align.steps:
+        device = rank_device(run.train.device)
         projector, align_summary = train_projector(
             source, ProjectorTrainConfig(steps=run.align.steps, batch_size=run.align.batch_size, lr=run.align.lr,
-                                         seed=run.train.seed, device=run.train.device, progress=run.train.progress),
+                                         seed=run.train.seed, device=str(device), progress=run.train.progress and main),
             d_shared=run.align.d_shared, similarity=run.align.similarity)
+        setup(device).broadcast_module(projector)  # every rank trained the same stage; rank 0's copy is the one kept
         metadata["alignment"] = align_summary
-        if run.train.progress:
+        if run.train.progress and main:
             print(f"alignment stage: in-batch retrieval accuracy {align_summary['retrieval_acc_before']:.3f} -> "
                   f"{align_summary['retrieval_acc_after']:.3f}")
         source = ProjectedSource(source, projector)
@@ -154,8 +158,8 @@ def run_training(run: RunConfig, resume: bool = False, readout: ReadoutLike | No
     if readout is None and run.readout:
         check_readout(sae, True, paired=isinstance(widths, dict))
         readout = build_readout(run.readout, run.data, d_in)
-    fresh_folder = out is not None and not resume and not out.exists()
-    if out is not None and not resume:
+    fresh_folder = main and out is not None and not resume and not out.exists()
+    if out is not None and not resume and main:
         _write_run_yaml(out, run)
     try:
         result = train(sae, source, run.train, out_dir=out, resume=resume, metadata=metadata, eval_source=held_out,
@@ -166,7 +170,7 @@ def run_training(run: RunConfig, resume: bool = False, readout: ReadoutLike | No
             shutil.rmtree(out, ignore_errors=True)
         raise
     if projector is not None:
-        if out is not None:
+        if out is not None and main:
             projector.save(out)
         result.sae = AlignedSAE(result.sae, projector)  # type: ignore[assignment]
     return result

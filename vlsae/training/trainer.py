@@ -31,12 +31,14 @@ What it adds around that contract:
 - SAEs built without gradients (ITDA: ``trains_by_gradient = False``) go through the same
   loop, data, logs, checkpoints and evaluation, in one pass over the stream with no optimizer.
 
-The checks before any work (data, run folder, readout) are ``preflight.py``.
+The checks before any work (data, run folder, readout) are ``preflight.py``; writing and
+restoring checkpoints is ``state.py``. Under ``torchrun`` the same loop runs data-parallel
+(``distributed.py``: each rank trains on its slice of every global batch, gradients and
+batch statistics are all-reduced, rank 0 alone writes and prints).
 """
 from __future__ import annotations
 
 import functools
-import json
 import math
 import random
 import shutil
@@ -48,21 +50,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlsae.checkpoint import WEIGHTS, read_config, save_sae
-from vlsae.files import atomic_write_text, read_safetensors, replace_dir
-from vlsae.config import to_dict
-from vlsae.devices import resolve_device
 from vlsae.errors import VlsaeError
-from vlsae.saes.base import SAE, TrainContext, TrainOutput, normalized_mse
+from vlsae.saes.base import SAE, TrainContext, TrainOutput, global_batch, normalized_mse
 from vlsae.sparse import SparseCode
-from vlsae.training.config import RESUME_KEYS, TrainConfig
+from vlsae.training.config import TrainConfig
 from vlsae.training.data import ActivationSource, Batch, TensorSource
+from vlsae.training.distributed import check_data_parallel, rank_device, setup
 from vlsae.training.log import TENSORBOARD_DIR, MetricsLog, print_summary
 from vlsae.training.metrics import evaluate, geometric_median
 from vlsae.training.preflight import CHECKPOINT_DIR, TRAINING_JSON, check_compatible, check_out_dir, check_readout
 from vlsae.training.readout import ReadoutLike, as_readout
-from vlsae.training.state import (optimizer_from_flat, optimizer_to_flat, read_state, rng_from_flat, rng_to_flat,
-                                  write_state)
+from vlsae.training.state import restore_checkpoint, write_checkpoint, write_final
 
 __all__ = ["CHECKPOINT_DIR", "TRAINING_JSON", "TrainResult", "check_compatible", "check_out_dir", "train"]
 
@@ -202,9 +200,13 @@ def train(sae: SAE, source: ActivationSource, config: TrainConfig | None = None,
     SAEs built without gradients (``itda``, ``trains_by_gradient = False``) are built in one pass over
     the stream (at most ``len(source) // batch_size`` batches, ``steps`` capping it) with no optimizer.
 
+    Under torchrun (WORLD_SIZE > 1) every rank calls this with the same arguments; the run is
+    data-parallel (:mod:`vlsae.training.distributed`), ``batch_size`` is the global batch and
+    only rank 0 writes ``out_dir`` and shows progress. Every rank returns the same SAE.
+
     summary keys: arch, d_in, n_latents, fvu, l0, shrinkage, never_fired_fraction
     (and per modality ``fvu_<m>`` etc. for paired data), dead_fraction, eval_split,
-    eval_rows, steps, tokens, seconds, tokens_per_s, device, lr, input_scale
+    eval_rows, steps, tokens, seconds, tokens_per_s, device, world_size, lr, input_scale
     (and, with a readout, its fidelity figures and ``readout``: what it was).
     """
     config = config or TrainConfig()
@@ -219,7 +221,11 @@ def train(sae: SAE, source: ActivationSource, config: TrainConfig | None = None,
     if eval_source is not None:
         check_compatible(sae, eval_source, what="the held-out data")
     check_out_dir(out, resume)
-    device = resolve_device(config.device)
+    device = rank_device(config.device)
+    replicas = setup(device)
+    check_data_parallel(sae, config.batch_size, replicas.world)
+    writes = out if replicas.is_main else None  # only rank 0 writes the run folder
+    show = config.progress and replicas.is_main
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2 ** 32)
     random.seed(config.seed)
@@ -241,6 +247,7 @@ def train(sae: SAE, source: ActivationSource, config: TrainConfig | None = None,
     else:
         sae.init_decoder_bias(data_center(scaled, config.b_dec_init))
     del scaled, sample
+    replicas.broadcast_module(sae)
 
     peak_lr = config.resolved_lr(sae.n_latents)
     optimizer = _make_optimizer(sae, config, peak_lr)
@@ -251,21 +258,23 @@ def train(sae: SAE, source: ActivationSource, config: TrainConfig | None = None,
     elapsed_before = 0.0
     if resume:
         assert out is not None
-        start_step, tokens, elapsed_before, scales = _restore(out / CHECKPOINT_DIR, sae, optimizer, last_fired,
-                                                              config, device)
-    elif out is not None and (out / TENSORBOARD_DIR).exists():
-        shutil.rmtree(out / TENSORBOARD_DIR)  # left by a fresh run that died before its first checkpoint
+        start_step, tokens, elapsed_before, scales = restore_checkpoint(out / CHECKPOINT_DIR, sae, optimizer,
+                                                                        last_fired, config, device)
+    elif writes is not None and (writes / TENSORBOARD_DIR).exists():
+        shutil.rmtree(writes / TENSORBOARD_DIR)  # left by a fresh run that died before its first checkpoint
+    scales = replicas.broadcast_object(scales)
 
-    log = MetricsLog(out, start_step=start_step, tensorboard=config.tensorboard)
+    log = MetricsLog(writes, start_step=start_step, tensorboard=config.tensorboard)
     history: list[dict[str, float]] = []
     bar = None
-    if config.progress:
+    if show:
         from tqdm.auto import tqdm
         bar = tqdm(total=total_steps, initial=start_step, desc=f"{'train' if by_gradient else 'build'} {sae.arch}",
                    unit="step", dynamic_ncols=True)
     use_autocast = device.type == "cuda" and config.autocast_bf16
     sae.selection_dtype = resolve_selection_dtype(config.selection_dtype, device)
-    batches = source.batches(config.batch_size, seed=config.seed, start=start_step)
+    batches = replicas.batches(source, config.batch_size, seed=config.seed, start=start_step)
+    params = [p for p in sae.parameters() if p.requires_grad]
     wants_grad = readout is not None and getattr(sae, "uses_downstream_grad", False)
     steps_run = start_step
     began = time.perf_counter()
@@ -277,25 +286,39 @@ def train(sae: SAE, source: ActivationSource, config: TrainConfig | None = None,
                 group["lr"] = lr
             dead = (tokens - last_fired) > dead_tokens
             ctx = TrainContext(step=step, progress=step / total_steps, dead_mask=dead)
+            replicas.seed_step(config.seed, step)
+            counts = replicas.buffers_before_step(sae)
             if wants_grad:  # d loss / d (scaled x) = (d loss / d raw x) / scale
                 assert readout is not None and not isinstance(scales, dict)
                 ctx.downstream_grad = readout.input_gradient(batch / scales) / scales  # type: ignore[operator]
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast), torch.set_grad_enabled(by_gradient):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast), torch.set_grad_enabled(by_gradient), \
+                    global_batch(replicas.sum if replicas.parallel else None):
                 out_step = sae.training_forward(batch, ctx)
             loss = out_step.loss if out_step.losses else torch.zeros((), device=device)
-            if not bool(torch.isfinite(loss.detach()) & _all_finite(batch)):  # the one sync per step
+            loss_ok, data_ok, rows = replicas.step_check(torch.isfinite(loss.detach()), _all_finite(batch),
+                                                         _tokens(batch))  # the one sync per step
+            if not (loss_ok and data_ok):
                 _check_finite(batch, f"in the batch of step {step}")
-                raise VlsaeError(f"the loss became {float(loss)} at step {step}; lower the learning rate (train.lr)")
+                if not data_ok:
+                    raise VlsaeError(f"the data has NaN or inf values in the batch of step {step} (the part another "
+                                     "process read); clean the data (or re-extract it)")
+                raise VlsaeError(f"the loss became {float(loss) if not bool(torch.isfinite(loss)) else 'nan or inf'} "
+                                 f"at step {step}; lower the learning rate (train.lr)")
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                replicas.average_gradients(params)
+                replicas.sync_buffers(sae, counts)  # batch statistics the forward pass updated, before a step reads them
                 if config.grad_clip:
                     torch.nn.utils.clip_grad_norm_(sae.parameters(), config.grad_clip)
                 sae.before_optimizer_step()
                 optimizer.step()
                 sae.after_optimizer_step()
-            tokens += _tokens(batch)
+            if replicas.parallel and sae.edits_parameters_in_forward(step):
+                replicas.broadcast_module(sae)
+            tokens += rows
             _mark_fired(last_fired, out_step.code, tokens)
+            replicas.sync_last_fired(last_fired)
 
             done = steps_run = step + 1
             finished = done == total_steps or bool(getattr(sae, "full", False))  # a full ITDA adds nothing more
@@ -303,6 +326,7 @@ def train(sae: SAE, source: ActivationSource, config: TrainConfig | None = None,
                 record = _step_record(done, lr, loss, out_step, batch, dead)
                 if readout is not None and not isinstance(scales, dict):
                     record.update(readout.fidelity(batch / scales, out_step.recon.detach().float() / scales))  # type: ignore[operator, union-attr]
+                record = replicas.mean_record(record)
                 history.append(record)
                 log.write(record)
                 if bar is not None:
@@ -311,10 +335,10 @@ def train(sae: SAE, source: ActivationSource, config: TrainConfig | None = None,
                 bar.update(1)
             if finished:
                 break
-            if out is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
+            if writes is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
                 log.flush()
-                _checkpoint(out, sae, optimizer, last_fired, done, tokens,
-                            elapsed_before + time.perf_counter() - began, scales, config, device)
+                write_checkpoint(writes, sae, optimizer, last_fired, done, tokens,
+                                 elapsed_before + time.perf_counter() - began, scales, config, device, replicas.world)
     finally:
         sae.selection_dtype = None  # inference and evaluation choose latents in full precision
         if bar is not None:
@@ -341,13 +365,14 @@ def train(sae: SAE, source: ActivationSource, config: TrainConfig | None = None,
         "steps": steps_run, "tokens": tokens,
         "seconds": round(elapsed_before + trained_seconds, 2),
         "tokens_per_s": round((steps_run - start_step) * config.batch_size / max(trained_seconds, 1e-9), 1),
-        "device": str(device), "lr": peak_lr, "input_scale": scales,
+        "device": str(device), "world_size": replicas.world, "lr": peak_lr, "input_scale": scales,
     })
     if not by_gradient:
         summary["training"] = "one pass, no gradients"
-    if out is not None:
-        _finish(out, sae, config, summary, metadata)
-    if config.progress:
+    if writes is not None:
+        write_final(writes, sae, config, summary, metadata)
+    replicas.barrier()  # on every rank, train() returns once the run folder is complete
+    if show:
         print_summary(summary, title=f"{sae.arch} SAE" + (f" -> {out}" if out else ""))
     return TrainResult(sae=sae, summary=summary, out_dir=out, history=history)
 
@@ -373,65 +398,3 @@ def _step_record(step: int, lr: float, loss: torch.Tensor, out_step: TrainOutput
     for key, value in out_step.metrics.items():
         record.setdefault(key, float(value))
     return record
-
-
-# -------------------------------------------------------------- checkpoints
-def _checkpoint(out: Path, sae: SAE, optimizer: torch.optim.Optimizer | None, last_fired: torch.Tensor, step: int,
-                tokens: int, seconds: float, scales: float | dict[str, float], config: TrainConfig,
-                device: torch.device) -> None:
-    """Write out/checkpoint atomically: build it in a temp folder, then swap it in."""
-    tmp = out / f".{CHECKPOINT_DIR}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_sae(sae, tmp)
-    tensors, opt_meta = optimizer_to_flat(optimizer) if optimizer is not None else ({}, {})
-    rng_tensors, rng_meta = rng_to_flat(cuda=device.type == "cuda")
-    tensors.update(rng_tensors)
-    tensors["last_fired"] = last_fired.cpu()
-    meta = {"step": step, "batches_consumed": step, "tokens": tokens, "seconds": seconds, "input_scale": scales,
-            "optimizer": opt_meta, "rng": rng_meta, "train_config": to_dict(config)}
-    write_state(tmp, tensors, meta)
-    replace_dir(tmp, out / CHECKPOINT_DIR)
-
-
-def _restore(folder: Path, sae: SAE, optimizer: torch.optim.Optimizer | None, last_fired: torch.Tensor, config: TrainConfig,
-             device: torch.device) -> tuple[int, int, float, float | dict[str, float]]:
-    """Load a checkpoint into sae/optimizer/last_fired/RNGs; returns (step, tokens, seconds, scales)."""
-    record = read_config(folder)
-    if record["arch"] != sae.arch:
-        raise VlsaeError(f"the checkpoint in {folder} is a '{record['arch']}' SAE, not '{sae.arch}'; resume with the same architecture")
-    mine = to_dict(sae.config)
-    for key, value in record["config"].items():
-        if key != "hook" and key in mine and mine[key] != value:
-            raise VlsaeError(f"the checkpoint in {folder} has sae.{key}={value}, but this run has {mine[key]}; "
-                             "resume with the same settings or start a new run with another --out")
-    tensors, meta = read_state(folder)
-    saved = meta.get("train_config", {})
-    now = to_dict(config)
-    for key in RESUME_KEYS:
-        if key in saved and saved[key] != now[key]:
-            raise VlsaeError(f"the checkpoint in {folder} was trained with train.{key}={saved[key]}, not {now[key]}; "
-                             "resume with the same settings or start a new run with another --out")
-    weights = read_safetensors(folder / WEIGHTS, what="checkpoint weights")
-    try:
-        sae.load_state_dict(weights)
-    except RuntimeError as exc:
-        raise VlsaeError(f"the checkpoint in {folder} does not fit this SAE ({str(exc).splitlines()[0]}); "
-                         "resume with the same settings") from None
-    sae.to(device)
-    if optimizer is not None:
-        optimizer_from_flat(optimizer, tensors, meta["optimizer"])
-    if tensors["last_fired"].shape != last_fired.shape:
-        raise VlsaeError(f"the checkpoint in {folder} tracks {tensors['last_fired'].shape[0]} latents, not {last_fired.shape[0]}")
-    last_fired.copy_(tensors["last_fired"].to(device))
-    rng_from_flat(tensors, meta.get("rng", {}))
-    return int(meta["step"]), int(meta["tokens"]), float(meta.get("seconds", 0.0)), meta["input_scale"]
-
-
-def _finish(out: Path, sae: SAE, config: TrainConfig, summary: dict[str, Any], metadata: dict[str, Any] | None) -> None:
-    """Final weights first, then training.json (which marks the run finished), then drop the checkpoint."""
-    save_sae(sae, out, metadata={"input_scale_folded": True, **(metadata or {})})
-    record = {"summary": summary, "input_scale": summary["input_scale"], "train_config": to_dict(config),
-              "metadata": metadata or {}}
-    atomic_write_text(out / TRAINING_JSON, json.dumps(record, indent=2, default=str))
-    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
