@@ -251,28 +251,33 @@ class ActivationWriter:
         return read_manifest(self.path)
 
     def _stats(self) -> dict[str, Any]:
-        """Per-modality count, mean row norm, mean and std vectors, from the shards' running sums."""
-        totals: dict[str, dict[str, Any]] = {}
-        for entry in self.shards:
-            names = [f"stats.{m}.{s}" for m in self.modalities for s in ("sum", "sumsq", "norm_sum")]
-            tensors = read_shard(self.path / entry["file"], names)
-            for m in self.modalities:
-                t = totals.setdefault(m, {"count": 0, "sum": 0.0, "sumsq": 0.0, "norm_sum": 0.0})
-                t["count"] += entry["rows"][m]
-                t["sum"] = t["sum"] + tensors[f"stats.{m}.sum"]
-                t["sumsq"] = t["sumsq"] + tensors[f"stats.{m}.sumsq"]
-                t["norm_sum"] += float(tensors[f"stats.{m}.norm_sum"][0])
-        stats = {}
-        for m, t in totals.items():
-            count = max(t["count"], 1)
-            mean = t["sum"] / count
-            var = (t["sumsq"] / count - mean * mean).clamp_min(0)
-            stats[m] = {
-                "count": t["count"],
-                "mean_norm": t["norm_sum"] / count,
-                "mean_sq_norm": float(t["sumsq"].sum()) / count,
-                "std_total": math.sqrt(float(var.sum())),
-                "mean": [round(v, 7) for v in mean.tolist()],
-                "std": [round(v, 7) for v in var.sqrt().tolist()],
-            }
-        return stats
+        return cache_statistics(self.path, self.shards, self.modalities)
+
+
+def cache_statistics(path: Path, shards: Sequence[dict[str, Any]], modalities: Sequence[str]) -> dict[str, Any]:
+    """Per-modality count, mean row norm, mean and std vectors of the manifest ``shards`` of the cache
+    at ``path``, from the shards' running sums (also the statistics of a cache merged from parts)."""
+    totals: dict[str, dict[str, Any]] = {}
+    for entry in shards:
+        names = [f"stats.{m}.{s}" for m in modalities for s in ("sum", "sumsq", "norm_sum")]
+        tensors = read_shard(Path(path) / entry["file"], names)
+        for m in modalities:
+            t = totals.setdefault(m, {"count": 0, "sum": 0.0, "sumsq": 0.0, "norm_sum": 0.0})
+            t["count"] += entry["rows"][m]
+            t["sum"] = t["sum"] + tensors[f"stats.{m}.sum"]
+            t["sumsq"] = t["sumsq"] + tensors[f"stats.{m}.sumsq"]
+            t["norm_sum"] += float(tensors[f"stats.{m}.norm_sum"][0])
+    stats = {}
+    for m, t in totals.items():
+        count = max(t["count"], 1)
+        mean = t["sum"] / count
+        var = (t["sumsq"] / count - mean * mean).clamp_min(0)
+        stats[m] = {
+            "count": t["count"],
+            "mean_norm": t["norm_sum"] / count,
+            "mean_sq_norm": float(t["sumsq"].sum()) / count,
+            "std_total": math.sqrt(float(var.sum())),
+            "mean": [round(v, 7) for v in mean.tolist()],
+            "std": [round(v, 7) for v in var.sqrt().tolist()],
+        }
+    return stats

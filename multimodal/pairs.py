@@ -358,6 +358,11 @@ class PairReader:
         read.error = read.error or _tar_tail_problem(url)
         read.finished = True
 
+    def shard_records(self, url: str) -> Iterator[PairRecord]:
+        """The records of one shard, counted in :attr:`stats`, without the end-of-read checks: for a
+        reader of part of the shards (one rank's), whose counts are merged and checked over all of them."""
+        return self._shard(url)
+
     def __iter__(self) -> Iterator[PairRecord]:
         self.stats.reset()
         self.errors = []
