@@ -211,3 +211,17 @@ def test_an_error_on_one_rank_is_raised_on_every_rank(world):
     with pytest.raises(VlsaeError, match="^process 1 of 2: data shard 3 is unreadable$"):
         split._exchange(Posted(), lambda: [])
     assert Exchange(Ranks()).gather("alone") == ["alone"]
+
+
+def test_the_extract_verb_runs_split_under_torchrun(world, tmp_path):
+    """`torchrun -m vlsae extract` is the same split extraction; process 0 alone prints the summary line."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), "-m", "vlsae", "extract", "--model", "shapes-clip",
+               "--data", world.pattern, "--out", str(tmp_path / "cli"), "--batch-size", "25", "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("wrote ") == 1 and f"{N} pairs" in run.stdout
+    cache = ActivationCache(tmp_path / "cli")
+    assert cache.keys() == ActivationCache(world.single).keys() and cache.manifest["ranks"] == 2

@@ -56,8 +56,10 @@ def _refuse_multi_process_launch(verb: str) -> None:
     in every rank and race into the same output, so refuse before any work instead of writing N copies."""
     world = env_world_size()
     if world > 1:
+        parallel = ", ".join(f"`vlsae {name}`" for name, module in _available_verbs().items()
+                             if getattr(module, "DATA_PARALLEL", False))
         raise VlsaeError(f"launched as {world} processes (WORLD_SIZE={world}, e.g. by torchrun), but `vlsae {verb}` "
-                         "does not run data-parallel (only `vlsae train` does): each process would do the whole job "
+                         f"does not run data-parallel (only {parallel} do): each process would do the whole job "
                          "into the same output; run it as one process")
 
 

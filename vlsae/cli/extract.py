@@ -5,6 +5,10 @@ arguments into an :class:`~multimodal.extract.ExtractConfig` and prints the
 result. ``--list-hooks`` prints the hook points of ``--model`` with their
 modalities and widths instead. Every flag's default is the config field's
 default, and its help says what it is.
+
+Data-parallel: under ``torchrun --nproc-per-node N -m vlsae extract ...`` the
+shards are split across the processes
+(:func:`multimodal.extract_distributed.extract_distributed`) and process 0 prints.
 """
 from __future__ import annotations
 
@@ -14,8 +18,10 @@ import dataclasses
 from vlsae.config import field_help
 
 from multimodal.adapters import create_adapter, get_adapter_class, list_adapters
-from multimodal.extract import ExtractConfig, extract
+from multimodal.extract import ExtractConfig
+from multimodal.extract_distributed import Ranks, extract_distributed
 
+DATA_PARALLEL = True  # torchrun splits the shards across processes
 HELP = "extract activations of a model (CLIP, timm, ...) on image-caption shards into an activation cache"
 
 
@@ -55,7 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    main_process = Ranks.from_env().is_main
     if args.list_hooks:
+        if not main_process:
+            return 0
         adapter = create_adapter(args.model, device=args.device, dtype=args.dtype)
         print(f"hook points of {args.model} (join one per modality with a comma):")
         points = adapter.hook_points()
@@ -69,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
                            shard_rows=args.shard_rows, limit=args.limit, workers=args.workers,
                            reader_process=args.reader_process, max_skipped=args.max_skipped,
                            overwrite=args.overwrite, progress=not args.no_progress)
-    result = extract(config)
+    result = extract_distributed(config)
+    if not main_process:
+        return 0
     resumed = f", resumed after {result.resumed_from}" if result.resumed_from else ""
     rows = ", ".join(f"{m} {n} x {result.width[m]}" for m, n in result.rows.items())
     skipped = result.skipped or {}
