@@ -14,7 +14,7 @@ and, under torchrun, splits the work by data shard:
   no part folder.
 - **The manifest**: when every rank is done, the ranks exchange what they did (an
   all-gather of each rank's part list through the key-value store of torchrun's
-  rendezvous, :class:`Exchange`; it is also the barrier), and rank 0 writes
+  rendezvous, :class:`multimodal.ranks.Exchange`; it is also the barrier), and rank 0 writes
   ``OUT/manifest.json`` once: the parts' shards in
   data-shard order (files ``parts/00000i/shard-....safetensors``), counts and
   statistics over all of them. The cache then reads like a single-process one of
@@ -44,17 +44,12 @@ every rank sees (a shared filesystem across nodes).
 from __future__ import annotations
 
 import json
-import os
-import pickle
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
-from datetime import timedelta
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
-
-import torch.distributed as dist
 
 from vlsae.devices import resolve_device
 from vlsae.errors import VlsaeError
@@ -66,42 +61,12 @@ from multimodal.cache_format import MANIFEST, read_manifest
 from multimodal.cache_writer import cache_statistics
 from multimodal.extract import ExtractConfig, ExtractResult, extract, extract_pairs
 from multimodal.pairs import PairReader, ReadStats, ShardRead, check_max_skipped, expand_urls
+from multimodal.ranks import TIMEOUT, Exchange, Ranks, on_every_rank
+
+__all__ = ["PARTS", "TIMEOUT", "Exchange", "Ranks", "extract_distributed", "is_split_cache", "merge_manifest",
+           "merge_reads", "part_name", "rank_device"]
 
 PARTS = "parts"
-# the exchange after the parts waits for the slowest rank (one data shard more than the others, on a CPU: minutes
-# or hours); a rank that dies is torchrun's to notice (it stops the others), so the wait itself is long
-TIMEOUT = timedelta(hours=12)
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "").strip()
-    return int(value) if value.isdigit() else default
-
-
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place in a torchrun launch (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> Ranks:
-        """RANK, WORLD_SIZE and LOCAL_RANK as torchrun sets them."""
-        world = max(1, _env_int("WORLD_SIZE", 1))
-        rank = _env_int("RANK", 0)
-        if not 0 <= rank < world:
-            raise VlsaeError(f"RANK={rank} is outside WORLD_SIZE={world}; launch the processes with torchrun")
-        return cls(rank, world, _env_int("LOCAL_RANK", 0))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def shards(self, n: int) -> list[int]:
-        """The data shards of this rank among ``n``: ``rank, rank + world, ...`` (webdataset's node split)."""
-        return list(range(self.rank, n, self.world))
 
 
 def part_name(index: int) -> str:
@@ -187,46 +152,6 @@ def merge_manifest(out: Path, parts: list[dict[str, Any]], data: str, reads: Rea
               "ranks": world, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "stats": cache_statistics(out, entries, modalities)}
     return record
-
-
-class Exchange:
-    """Small picklable objects passed between the ranks through the key-value store of torchrun's rendezvous.
-
-    :meth:`gather` is an all-gather: every rank posts its object under a key of its rank and reads
-    everyone's, blocking until all have posted (so it is also a barrier). It runs in the calling
-    thread, without a process group: gloo's all-gather of Python objects aborts now and then at
-    interpreter exit (its worker thread frees the last collective's tensors after Python has begun
-    to shut down: "terminate called without an active exception", PyTorch 2.14, about 1 run in 6),
-    which would fail a run that had written its whole cache. One process needs no store.
-    """
-
-    _runs = 0  # split runs in this process: every rank makes the same calls, so the same count
-
-    def __init__(self, ranks: Ranks):
-        self.ranks = ranks
-        self.store: Any = None
-        if ranks.world <= 1:
-            return
-        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-            raise VlsaeError(f"WORLD_SIZE={ranks.world} but no MASTER_ADDR/MASTER_PORT: launch the processes with "
-                             "torchrun")
-        if dist.is_initialized():  # the caller's process group already holds a client of the store
-            store = dist.distributed_c10d._get_default_store()
-        else:
-            store, _, _ = next(dist.rendezvous("env://", rank=ranks.rank, world_size=ranks.world, timeout=TIMEOUT))
-        store.set_timeout(TIMEOUT)
-        Exchange._runs += 1
-        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # keys of an earlier attempt stay in the store
-        self.store = dist.PrefixStore(f"vlsae/extract/{restart}/{Exchange._runs}", store)
-        self.phases = 0
-
-    def gather(self, value: Any) -> list[Any]:
-        """Every rank's ``value``, in rank order (``[value]`` in one process)."""
-        if self.store is None:
-            return [value]
-        self.phases += 1
-        self.store.set(f"{self.phases}/{self.ranks.rank}", pickle.dumps(value))
-        return [pickle.loads(self.store.get(f"{self.phases}/{rank}")) for rank in range(self.ranks.world)]
 
 
 def _slim(manifest: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -352,20 +277,7 @@ class _Split:
 
     def _exchange(self, exchange: Exchange, work: Callable[[], Any]) -> list[Any]:
         """Run ``work`` on every rank and gather the results (in rank order); an error on any rank is raised on all."""
-        own: BaseException | None = None
-        try:
-            outcome: dict[str, Any] = {"result": work()}
-        except VlsaeError as exc:
-            own, outcome = exc, {"error": str(exc)}
-        except Exception as exc:  # noqa: BLE001 - a bug: its own rank shows the traceback, the others say where
-            own, outcome = exc, {"error": f"{type(exc).__name__}: {exc} (its traceback is in that process's output)"}
-        gathered = exchange.gather(outcome)
-        if own is not None:
-            raise own
-        for rank, other in enumerate(gathered):
-            if "error" in other:
-                raise VlsaeError(f"process {rank} of {self.ranks.world}: {other['error']}")
-        return [other["result"] for other in gathered]
+        return on_every_rank(exchange, self.ranks.world, work)
 
     def _tidy(self, manifest: dict[str, Any]) -> None:
         """Remove what the manifest does not list: the parts of a replaced split cache beyond the new ones,

@@ -1,17 +1,18 @@
 """Task ``filter``: score image-text pairs, keep the best, write the cleaner dataset and its report.
 
 The work is :func:`multimodal.filtering.filter_dataset` (scores spilled per
-shard, the keep decision, byte-identical shards, atomic output, resume); this
-task adds the report page (:func:`evals.filtering.write_filter_report`) to the
-output folder before it is moved into place. ``vlsae filter`` and ``vlsae eval
-filter`` both run it.
+shard, the keep decision, byte-identical shards, atomic output, resume), split
+over the processes under torchrun (:func:`multimodal.filtering.filter_distributed`;
+in one process it is ``filter_dataset``); this task adds the report page
+(:func:`evals.filtering.write_filter_report`) to the output folder before it is
+moved into place (on rank 0). ``vlsae filter`` and ``vlsae eval filter`` both run it.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from multimodal.filtering import FilterConfig, FilterResult, filter_dataset
+from multimodal.filtering import FilterConfig, FilterResult, filter_distributed
 
 from evals.filtering import write_filter_report
 from evals.tasks import register_task
@@ -25,7 +26,7 @@ def run_filter(config: FilterConfig) -> dict[str, Any]:
     def finish(folder: Path, result: FilterResult) -> None:
         found.update(write_filter_report(folder, result))
 
-    result = filter_dataset(config, finish=finish)
+    result = filter_distributed(config, finish=finish)
     if not result.complete:
         return result.summary
     return {**result.summary, "index": str(Path(result.out) / "index.html"), "detection": found}

@@ -50,6 +50,7 @@ from vlsae.errors import VlsaeError
 from vlsae.files import atomic_write_json, check_writable_dir, read_safetensors, atomic_save_tensors, replace_dir
 
 from multimodal.filtering.config import FilterConfig, check_config, parse_shards, resolve_hook
+from multimodal.filtering.scorers import Scorer
 from multimodal.filtering.scoring import Scoring, describe_sae
 from multimodal.filtering.shards import copy_kept, sha256_file
 from multimodal.filtering.spill import (KeepMask, ScoreStats, kth_largest_cut, read_metadata, read_shard_scores,
@@ -165,11 +166,13 @@ def _fit(scoring: Scoring, staging: Path, probe: list[str]) -> dict[str, Any]:
 
 
 def _score(config: FilterConfig, scorer_cls: type, hook: str, tokens: str, urls: list[str], todo: list[int],
-           shas: dict[int, str], scores: Path, staging: Path, probe: list[str]) -> dict[str, Any]:
-    """Score the shards ``todo`` into their score files; returns the timing and the scorer's fit summary."""
+           shas: dict[int, str], scores: Path, staging: Path, probe: list[str],
+           scoring: Scoring | None = None) -> dict[str, Any]:
+    """Score the shards ``todo`` into their score files (with ``scoring`` when it is built already); returns
+    the timing and the scorer's fit summary."""
     if not todo:
         return {"pairs": 0, "seconds": 0.0, "fit": _state_info(staging / SCORER_STATE)}
-    scoring = Scoring(config, scorer_cls(seed=config.seed), hook, tokens)
+    scoring = scoring or Scoring(config, scorer_cls(seed=config.seed), hook, tokens)
     fit = _fit(scoring, staging, probe) if scorer_cls.needs_probe else {}
     bar = None
     if config.progress:
@@ -203,36 +206,102 @@ def _read_stats(urls: list[str], files: list[Path], max_skipped: float) -> ReadS
     return stats
 
 
-def filter_dataset(config: FilterConfig, finish: Callable[[Path, FilterResult], None] | None = None) -> FilterResult:
-    """Run ``vlsae filter`` (see the module docstring). ``finish(folder, result)`` writes extra files (the
-    report page) into the output folder before it is moved into place."""
+@dataclass
+class FilterPlan:
+    """What every stage of a filter run reads, resolved once from its config (no model, no scoring)."""
+
+    config: FilterConfig
+    scorer_cls: type[Scorer]
+    urls: list[str]
+    out: Path
+    probe: list[str]
+    hook: str
+    tokens: str
+    settings: dict[str, Any]
+    staging: Path
+
+    @property
+    def scores(self) -> Path:
+        """The staging folder's score files."""
+        return self.staging / SCORES
+
+
+def plan_filter(config: FilterConfig, scoring_only: bool | None = None) -> FilterPlan:
+    """The checks of a run and its plan; ``scoring_only`` (default: whether ``--shards`` is given) skips the
+    check of an existing output, which a run that only scores does not write."""
     scorer_cls = check_config(config)
-    split = parse_shards(config.shards)
+    if scoring_only is None:
+        scoring_only = parse_shards(config.shards) is not None
     out = Path(config.out)
     urls = expand_urls(config.data)
-    _check_paths(config, urls, out, split is not None)
+    _check_paths(config, urls, out, scoring_only)
     probe = expand_urls(config.probe) if (scorer_cls.needs_probe and config.probe) else urls
     hook, tokens = resolve_hook(config, scorer_cls)
     settings = _settings(config, scorer_cls, hook, tokens, probe)
-    staging = staging_dir(out)
-    scores = _open_staging(staging, out, settings, reuse_out=config.overwrite, progress=config.progress)
+    return FilterPlan(config, scorer_cls, urls, out, probe, hook, tokens, settings, staging_dir(out))
 
-    mine = [i for i in range(len(urls)) if split is None or i % split[1] == split[0]]
-    known = {i: read_metadata(score_file(scores, i)) for i in mine}
-    shas = {i: sha256_file(urls[i]) for i in mine if known[i] is not None}  # a score file is trusted while they match
-    todo = [i for i in mine if known[i] is None or known[i]["sha256"] != shas[i]]
+
+def open_staging(plan: FilterPlan) -> Path:
+    """The staging folder made ready for ``plan`` (what other settings left there discarded); its score folder."""
+    config = plan.config
+    return _open_staging(plan.staging, plan.out, plan.settings, reuse_out=config.overwrite, progress=config.progress)
+
+
+def shards_to_score(plan: FilterPlan, mine: list[int]) -> tuple[list[int], dict[int, str]]:
+    """Of the shards ``mine``, those without a score file that matches the shard's checksum; the checksums known."""
+    known = {i: read_metadata(score_file(plan.scores, i)) for i in mine}
+    shas = {i: sha256_file(plan.urls[i]) for i in mine if known[i] is not None}  # a score file is trusted while they match
+    return [i for i in mine if known[i] is None or known[i]["sha256"] != shas[i]], shas
+
+
+def score_shards(plan: FilterPlan, todo: list[int], shas: dict[int, str], scoring: Scoring | None = None
+                 ) -> dict[str, Any]:
+    """Score the shards ``todo`` into the staging folder; the timing and the scorer's fit summary."""
+    config = plan.config
+    return _score(config, plan.scorer_cls, plan.hook, plan.tokens, plan.urls, todo, shas, plan.scores, plan.staging,
+                  plan.probe, scoring)
+
+
+def build_scoring(plan: FilterPlan) -> Scoring:
+    """The plan's adapter, SAE and scorer, fitted when the scorer needs a probe (SAE-V's weights, saved into the
+    staging folder, or read back from it when they are there)."""
+    config = plan.config
+    scoring = Scoring(config, plan.scorer_cls(seed=config.seed), plan.hook, plan.tokens)
+    if plan.scorer_cls.needs_probe:
+        _fit(scoring, plan.staging, plan.probe)
+    return scoring
+
+
+def filter_dataset(config: FilterConfig, finish: Callable[[Path, FilterResult], None] | None = None) -> FilterResult:
+    """Run ``vlsae filter`` (see the module docstring). ``finish(folder, result)`` writes extra files (the
+    report page) into the output folder before it is moved into place."""
+    plan = plan_filter(config)
+    split = parse_shards(config.shards)
+    scores = open_staging(plan)
+    mine = [i for i in range(len(plan.urls)) if split is None or i % split[1] == split[0]]
+    todo, shas = shards_to_score(plan, mine)
     try:
-        timing = _score(config, scorer_cls, hook, tokens, urls, todo, shas, scores, staging, probe)
+        timing = score_shards(plan, todo, shas)
     except VlsaeError:
         if not any(scores.iterdir()):  # a user error before anything was scored leaves nothing behind
-            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(plan.staging, ignore_errors=True)
         raise
     if split is not None:
         summary = {"scorer": config.scorer, "scored_shards": todo, "reused_shards": [i for i in mine if i not in todo],
-                   "staging": str(staging), "timing": timing}
+                   "staging": str(plan.staging), "timing": timing}
         return FilterResult(summary=summary, out=None)
+    return decide_and_write(plan, {**timing, "reused_shards": len(mine) - len(todo)}, finish)
 
-    files = [score_file(scores, i) for i in range(len(urls))]
+
+def decide_and_write(plan: FilterPlan, timing: dict[str, Any],
+                     finish: Callable[[Path, FilterResult], None] | None = None) -> FilterResult:
+    """The keep decision over every score file of the staging folder, and the output moved into place.
+
+    ``timing``: the scoring's (pairs, seconds, ..., ``fit``: the scorer's fit summary, ``reused_shards``)."""
+    config, urls, staging, settings = plan.config, plan.urls, plan.staging, plan.settings
+    out = plan.out
+    timing = dict(timing)
+    files = [score_file(plan.scores, i) for i in range(len(urls))]
     stats = _read_stats(urls, files, config.max_skipped)
     warning = stats.warning()
     if warning and config.progress:
@@ -247,7 +316,7 @@ def filter_dataset(config: FilterConfig, finish: Callable[[Path, FilterResult], 
         "tokens": settings.get("tokens"), "theta": settings.get("theta"), "seed": settings.get("seed"),
         "keep": config.keep, "threshold": cut.threshold, "threshold_given": config.threshold,
         "ties_kept": cut.ties_kept, "score": summary_stats.as_dict(), "lost": stats.summary(),
-        "scorer_fit": timing.pop("fit", {}), "timing": {**timing, "reused_shards": len(mine) - len(todo)},
+        "scorer_fit": timing.pop("fit", {}), "timing": timing,
         "settings": settings, "config": to_dict(config)})
     result.summary["counts"].update(lost=stats.lost)
     folder = staging / "result"

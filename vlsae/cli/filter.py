@@ -3,6 +3,11 @@
 The work is the ``filter`` task (:mod:`evals.tasks.filter`, around
 :func:`multimodal.filtering.filter_dataset`), which checks every flag before a
 model loads; this module parses the flags and prints the outcome.
+
+Data-parallel: under ``torchrun --nproc-per-node N -m vlsae filter ...`` the
+shards are scored across the processes, rank 0 fitting the scorer first and
+deciding and writing last (:func:`multimodal.filtering.filter_distributed`);
+process 0 prints.
 """
 from __future__ import annotations
 
@@ -12,7 +17,9 @@ from evals.tasks import run_task
 from evals.tasks.filter import FilterTask
 from multimodal.filtering import FilterConfig, SCORERS
 from multimodal.pairs import DEFAULT_MAX_SKIPPED
+from multimodal.ranks import Ranks
 
+DATA_PARALLEL = True  # torchrun splits the scoring across processes
 HELP = "score image-text pairs by SAE concepts (SAE-V, VL-SAE) or CLIPScore, keep the best, write shards + report"
 _DEFAULTS = FilterConfig()
 
@@ -63,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
                           seed=args.seed, probe=args.probe, probe_pairs=args.probe_pairs, batch_size=args.batch_size,
                           device=args.device, shards=args.shards, max_skipped=args.max_skipped, extremes=args.cards,
                           overwrite=args.overwrite, progress=not args.quiet)
-    for line in FilterTask.describe(run_task("filter", config)):
+    result = run_task("filter", config)
+    if not Ranks.from_env().is_main:
+        return 0
+    for line in FilterTask.describe(result):
         print(line)
     return 0
