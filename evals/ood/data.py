@@ -13,6 +13,14 @@ readable pair, a cache is complete and holds image embeddings), so a bad
 The zero-shot head (text embeddings of every prompt, 9,240 on ShapesWorld) is
 cached too, as ``CACHE/head-HASH.safetensors`` + ``.json``, keyed by the model
 and the prompts.
+
+Under torchrun a set's extraction is split over the processes
+(:func:`multimodal.extract_distributed.extract_distributed`: each rank takes its
+data shards, rank 0 writes the manifest), and the cache reads like one a single
+process wrote. Every rank decides alone whether a set's cache can be reused, and
+they agree: the decision reads only the cache's ``manifest.json`` and the shards'
+times, which change only when rank 0 writes that manifest, after every rank is
+done with the set.
 """
 from __future__ import annotations
 
@@ -28,8 +36,10 @@ from torch import Tensor
 from multimodal.adapters import Adapter
 from multimodal.cache import ActivationCache
 from multimodal.cache_format import MANIFEST, read_manifest
-from multimodal.extract import ExtractConfig, extract
+from multimodal.extract import ExtractConfig
+from multimodal.extract_distributed import extract_distributed
 from multimodal.pairs import PairReader, expand_urls
+from multimodal.ranks import Ranks
 from vlsae.errors import VlsaeError
 from vlsae.files import atomic_save_tensors, atomic_write_json, read_safetensors
 
@@ -133,9 +143,16 @@ def _reusable(cache: Path, source: str, spec: str) -> bool:
     return all(Path(u).stat().st_mtime <= written for u in expand_urls(source) if "://" not in u)
 
 
+def needs_extraction(name: str, source: str, spec: str, cache_root: Path) -> bool:
+    """Whether :func:`load_set` would extract this set (shards without a reusable cache in ``cache_root/name``)."""
+    return not is_cache(source) and not _reusable(cache_root / name, source, spec)
+
+
 def load_set(name: str, source: str, flag: str, adapter: Adapter | None, spec: str, cache_root: Path,
-             batch_size: int = 128, max_skipped: float | None = 0.01, progress: bool = True) -> EmbeddingSet:
-    """The image embeddings of one set: read from a cache, or extracted from shards into ``cache_root/name``."""
+             batch_size: int = 128, max_skipped: float | None = 0.01, progress: bool = True,
+             ranks: Ranks | None = None) -> EmbeddingSet:
+    """The image embeddings of one set: read from a cache, or extracted from shards into ``cache_root/name``
+    (split over torchrun's processes, ``ranks``: default from the environment; every rank calls it)."""
     if is_cache(source):
         check_source(source, flag, spec)
         cache = Path(source)
@@ -144,8 +161,9 @@ def load_set(name: str, source: str, flag: str, adapter: Adapter | None, spec: s
         if not _reusable(cache, source, spec):
             if adapter is None:
                 raise VlsaeError(f"{flag}: shards need the model to extract them; give --model")
-            extract(ExtractConfig(model=spec, data=source, out=str(cache), hook="final", batch_size=batch_size,
-                                  max_skipped=max_skipped, overwrite=True, progress=progress), adapter=adapter)
+            extract_distributed(ExtractConfig(model=spec, data=source, out=str(cache), hook="final",
+                                              batch_size=batch_size, max_skipped=max_skipped, overwrite=True,
+                                              progress=progress), adapter=adapter, ranks=ranks)
     reader = ActivationCache(cache, modality="image")
     return EmbeddingSet(name=name, source=source, keys=reader.keys(), image=reader.read_all(), cache=str(cache))
 

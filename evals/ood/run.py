@@ -9,6 +9,15 @@ computed over the shared :class:`~evals.ood.context.Features` of each set.
 Every score is evaluated on ID against each OOD set by the one evaluator
 (:mod:`evals.ood.metrics`), and per set the best SAE score is compared with the
 best baseline by a paired bootstrap of their AUROC difference.
+
+Under ``torchrun --nproc-per-node N`` every rank makes the same checks, the
+extraction of each set from shards is split over the ranks (each takes its data
+shards; :func:`evals.ood.data.load_set`), and then rank 0 alone computes the head,
+the scores, the metrics and writes the report while the others wait (the
+embeddings are small); every rank returns rank 0's results, and an error on any
+rank is raised on all. The ranks meet through the rendezvous store
+(:class:`multimodal.ranks.Exchange`). The caches read like single-process ones,
+so the report is that of one process.
 """
 from __future__ import annotations
 
@@ -20,7 +29,9 @@ import torch
 
 from multimodal.adapters import create_adapter
 from multimodal.cache_format import read_manifest
+from multimodal.extract_distributed import rank_device
 from multimodal.pairs import check_max_skipped
+from multimodal.ranks import Exchange, Ranks, on_every_rank, on_main_rank
 from vlsae.checkpoint import load_sae
 from vlsae.config import to_dict
 from vlsae.errors import VlsaeError
@@ -29,7 +40,7 @@ from vlsae.files import atomic_write_json, check_writable_dir
 from evals.ood.config import OODConfig
 from evals.ood.context import Reference, ScoreSettings
 from evals.ood.data import (EmbeddingSet, check_disjoint, check_distinct, check_source, is_cache, load_head, load_set,
-                            parse_ood_sets)
+                            needs_extraction, parse_ood_sets)
 from evals.ood.metrics import compare_auroc, evaluate
 from evals.ood.report import write_report
 from evals.ood.scores import get_score, list_scores, missing_inputs
@@ -76,8 +87,11 @@ class _Clock:
         return {"seconds": {k: round(v, 2) for k, v in wall.items()}, "cpu_seconds": {k: round(v, 2) for k, v in cpu.items()}}
 
 
-def run_ood(config: OODConfig) -> dict[str, Any]:
-    """Score ``config.id`` against every ``config.ood`` set; write the report into ``config.out``."""
+def run_ood(config: OODConfig, ranks: Ranks | None = None) -> dict[str, Any]:
+    """Score ``config.id`` against every ``config.ood`` set; write the report into ``config.out``.
+
+    ``ranks``: this process's place under torchrun (default: from the environment; see the module docstring)."""
+    ranks = ranks or Ranks.from_env()
     clock = _Clock()
     out = check_writable_dir(config.out)
     if (out / RESULTS).exists() and not config.overwrite:
@@ -96,17 +110,29 @@ def run_ood(config: OODConfig) -> dict[str, Any]:
     check_distinct(config.fit, config.id)
     sae = load_sae(config.sae).eval()
     _check_width(sae, sources, flags)
+    exchange = Exchange(ranks, name="ood")
+    on_every_rank(exchange, ranks.world, lambda: None)  # every rank has checked before rank 0 writes anything
     clock.lap("checks")
 
-    adapter = create_adapter(config.model, device=config.device)
-    check_sae(sae, adapter.widths("final")["image"], config.model)
+    extracting = any(needs_extraction(name, source, config.model, cache_root) for name, source in sources.items())
+    adapter = None
+    if ranks.is_main or extracting:  # a rank that extracts nothing loads no model
+        device = config.device if ranks.world <= 1 else rank_device(config.device, ranks)
+        adapter = create_adapter(config.model, device=device)
+        check_sae(sae, adapter.widths("final")["image"], config.model)
     sets: dict[str, EmbeddingSet] = {
         name: load_set(name, source, flags[name], adapter, config.model, cache_root, batch_size=config.batch_size,
-                       max_skipped=config.max_skipped, progress=config.progress)
+                       max_skipped=config.max_skipped, progress=config.progress, ranks=ranks)
         for name, source in sources.items()}
     check_disjoint(sets["fit"], sets["id"])
     clock.lap("embeddings")
+    return on_main_rank(exchange, ranks, lambda: _report(config, sae, adapter, sets, ood_sets, names, cache_root,
+                                                         out, clock))
 
+
+def _report(config: OODConfig, sae: Any, adapter: Any, sets: dict[str, EmbeddingSet], ood_sets: dict[str, str],
+            names: list[str], cache_root: Path, out: Path, clock: _Clock) -> dict[str, Any]:
+    """The head, every score, the metrics, the report and ``results.json`` (on rank 0 alone under torchrun)."""
     head = load_head(adapter, config.classes, cache_root)
     clock.lap("head")
 

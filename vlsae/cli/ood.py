@@ -6,6 +6,10 @@
 The work is the ``ood`` task (:func:`evals.ood.run_ood`), which checks every
 set and the SAE's width before extracting anything; this module parses the
 flags and prints the verdict per OOD set.
+
+Data-parallel: under ``torchrun --nproc-per-node N -m vlsae ood ...`` each set's
+extraction is split across the processes and process 0 scores, writes the
+report and prints (:func:`evals.ood.run_ood`).
 """
 from __future__ import annotations
 
@@ -15,7 +19,9 @@ from evals.ood import OODConfig, list_scores
 from evals.tasks import run_task
 from evals.tasks.ood import OODTask
 from multimodal.pairs import DEFAULT_MAX_SKIPPED
+from multimodal.ranks import Ranks
 
+DATA_PARALLEL = True  # torchrun splits each set's extraction across processes
 HELP = "OOD detection: SAE scores vs raw-embedding baselines, AUROC/FPR95/AUPR with intervals (HTML report)"
 
 
@@ -66,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
                        temperature=args.temperature, bootstrap=args.bootstrap, seed=args.seed, cache=args.cache,
                        batch_size=args.batch_size, device=args.device, max_skipped=args.max_skipped,
                        figures=not args.no_figures, overwrite=args.overwrite, progress=not args.quiet)
-    for line in OODTask.describe(run_task("ood", config)):
+    result = run_task("ood", config)
+    if not Ranks.from_env().is_main:
+        return 0
+    for line in OODTask.describe(result):
         print(line)
     return 0
