@@ -6,7 +6,7 @@ torchrun, the same run in three stages, the ranks meeting between them through
 the key-value store of torchrun's rendezvous (:class:`multimodal.ranks.Exchange`;
 no gloo collective):
 
-1. **Rank 0 prepares** while the others wait: the checks of a whole run (the
+1. **Rank 0 prepares** while the others make the same checks: those of a whole run (the
    output folder included), the staging folder opened (what other settings left
    there discarded, a finished output's scores copied in for reuse), the shards
    still to score (every shard's checksum against its score file), and, when
@@ -96,9 +96,11 @@ class _Split:
                 raise
             return {"todo": todo, "shas": shas}
 
-        prepared = on_main_rank(exchange, ranks, prepare)
-        if plan is None:  # the other ranks: the same checks, nothing opened
+        def check() -> None:  # the other ranks meanwhile: the same checks, nothing opened
+            nonlocal plan
             plan = plan_filter(self.config, scoring_only=True)
+
+        prepared = on_every_rank(exchange, ranks.world, prepare if ranks.is_main else check)[0]
         todo = [i for i in prepared["todo"] if i % ranks.world == ranks.rank]
         shas = {i: prepared["shas"][i] for i in todo if i in prepared["shas"]}
         scoring_plan = replace(plan, config=self.scoring_config)

@@ -21,6 +21,7 @@ from vlsae.training import TensorSource, TrainConfig, train
 from multimodal.cache import ActivationCache
 from multimodal.extract import ExtractConfig, extract
 from multimodal.filtering import FilterConfig, filter_dataset, filter_distributed, staging_dir
+from multimodal.filtering import distributed
 from multimodal.filtering.distributed import merged_timing
 from multimodal.filtering.spill import read_shard_scores
 from multimodal.ranks import Ranks
@@ -139,3 +140,22 @@ def test_merged_timing_is_one_runs():
     merged = merged_timing(timings, reused=1)
     assert merged == {"pairs": 150, "seconds": 4.0, "forward_seconds": 4.5, "pairs_per_second": 37.5,
                       "fit": {"latents": 8}, "processes": 2, "reused_shards": 1}
+
+
+def test_an_error_on_rank_1_is_raised_on_rank_0_and_the_scores_stay(world, tmp_path, monkeypatch):
+    """Rank 0 of 2 with a store in which rank 1 checked fine, then failed while scoring its shard."""
+    class Posted:  # what the store returns once rank 1 has posted
+        def __init__(self, ranks, name):
+            self.stages = iter([{"result": None}, {"error": "shard 1 is unreadable"}])
+
+        def gather(self, value):
+            return [value, next(self.stages)]
+
+    monkeypatch.setattr(distributed, "Exchange", Posted)
+    out = tmp_path / "out"
+    config = FilterConfig(scorer="random", data=str(world.data), keep=0.5, out=str(out), progress=False)
+    with pytest.raises(VlsaeError, match="^process 1 of 2: shard 1 is unreadable$"):
+        filter_distributed(config, ranks=Ranks(rank=0, world=2))
+    assert sorted(p.name for p in (staging_dir(out) / "scores").iterdir()) == ["000000.safetensors",
+                                                                               "000002.safetensors"]
+    assert not out.exists()  # nothing written: the rerun scores shard 1 and writes
