@@ -25,7 +25,9 @@ discards them and starts clean, saying so. ``--overwrite`` of a finished
 new ``--keep`` is a cheap re-decision. **Splitting**: ``--shards i/n`` scores
 only shards j with j % n == i into the staging folder and writes no output
 (processes or machines sharing the folder); a run without it merges the
-score files, scoring any shard still missing, and writes the output.
+score files, scoring any shard still missing, and writes the output. Under
+torchrun the processes split the shards the same way by themselves
+(:mod:`multimodal.filtering.distributed`).
 
 Memory does not grow with the dataset: one shard's keys at a time, scores on
 disk, the keep threshold by a radix select over the files. Corrupt records
