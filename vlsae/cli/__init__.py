@@ -6,7 +6,7 @@ adding a verb means adding its module (``vlsae/cli/ood.py`` is ``vlsae ood``).
 This is the one place allowed to tie every vlsae package together. User
 errors (:class:`vlsae.VlsaeError`) print one line on stderr and exit with 2;
 anything else is a bug and keeps its traceback. A verb that runs data-parallel under
-``torchrun`` sets ``DATA_PARALLEL = True`` (only ``train``); every other verb refuses a
+``torchrun`` sets ``DATA_PARALLEL = True`` (train, extract, filter, ood); every other verb refuses a
 multi-process launch. Under torchrun only rank 0 prints a user error: the checks read the same
 config and data on every rank (and a step's checks are all-reduced), so its line speaks for all.
 """
