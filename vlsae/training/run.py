@@ -32,10 +32,11 @@ from vlsae.checkpoint import CONFIG, read_config
 from vlsae.config import apply_overrides, from_dict, load_yaml, option, to_dict
 from vlsae.errors import VlsaeError
 from vlsae.files import atomic_write_text, looks_like_pickle
-from vlsae.saes import create_sae, get_sae_class, is_multimodal_arch, list_archs
+from vlsae.saes import SAE, create_sae, get_sae_class, is_multimodal_arch, list_archs
 from vlsae.training.config import TrainConfig, init_seed
 from vlsae.training.distributed import is_main_process, rank_device, setup
 from vlsae.training.readout import ReadoutLike, build_readout
+from vlsae.training.data import ActivationSource
 from vlsae.training.sources import DataSpec, resolve_data
 from vlsae.training.preflight import check_readout
 from vlsae.training.trainer import CHECKPOINT_DIR, TRAINING_JSON, TrainResult, check_out_dir, train
@@ -108,21 +109,29 @@ def saved_run_config(out: str | Path) -> dict[str, Any] | None:
     return load_yaml(path) if path.is_file() else None
 
 
-def run_training(run: RunConfig, resume: bool = False, readout: ReadoutLike | None = None) -> TrainResult:
-    """Build the SAE from the run config and the data's width, train it, save it to ``run.out``.
+@dataclass
+class PreparedData:
+    """A run config's data made ready for SAEs: the training source (projected when the run has an
+    alignment stage), held-out rows, where the activations came from, the projector and the metadata."""
 
-    readout: a readout object (module or function of the activations) that takes the place of the
-    config's ``readout`` section, for Python callers whose readout is not a registered kind."""
-    out = Path(run.out) if run.out else None
-    check_out_dir(out, resume)  # before any data is read or run.yaml written
-    check_readout(get_sae_class(run.arch), bool(run.readout) or readout is not None)
+    source: ActivationSource
+    held_out: ActivationSource | None
+    hook: str
+    metadata: dict[str, Any]
+    projector: Any = None
+
+
+def prepare_data(run: RunConfig, archs: list[str] | None = None) -> PreparedData:
+    """Resolve ``run.data`` and train the alignment stage if the run has one; ``archs``: the architectures
+    that will read it (default ``[run.arch]``), each checked against the data before the alignment stage."""
     resolved = resolve_data(run.data)
     source, held_out = resolved.train, resolved.held_out
-    if isinstance(source.d_in, dict) and not is_multimodal_arch(run.arch):
-        multi = ", ".join(a for a in list_archs() if is_multimodal_arch(a))
-        raise VlsaeError(f"the data is paired ({', '.join(source.d_in)}) but '{run.arch}' is a single-stream SAE; "
-                         f"train on one modality (--modality {next(iter(source.d_in))}) or use a multimodal "
-                         f"architecture ({multi})")
+    for arch in archs or [run.arch]:
+        if isinstance(source.d_in, dict) and not is_multimodal_arch(arch):
+            multi = ", ".join(a for a in list_archs() if is_multimodal_arch(a))
+            raise VlsaeError(f"the data is paired ({', '.join(source.d_in)}) but '{arch}' is a single-stream SAE; "
+                             f"train on one modality (--modality {next(iter(source.d_in))}) or use a multimodal "
+                             f"architecture ({multi})")
     metadata: dict[str, Any] = {"data": to_dict(run.data)}
     projector = None
     main = is_main_process()  # under torchrun only rank 0 writes the run folder and prints
@@ -140,7 +149,13 @@ def run_training(run: RunConfig, resume: bool = False, readout: ReadoutLike | No
         source = ProjectedSource(source, projector)
         if held_out is not None:
             held_out = ProjectedSource(held_out, projector)
-    widths = source.d_in
+    return PreparedData(source, held_out, resolved.hook, metadata, projector)
+
+
+def build_sae(run: RunConfig, data: PreparedData, readout: ReadoutLike | None = None) -> tuple[SAE, ReadoutLike | None]:
+    """The run's SAE at the data's width, its initial weights seeded by the run's seed, and its readout
+    (``readout`` when given, else the config's ``readout`` section built, else None)."""
+    widths = data.source.d_in
     if isinstance(widths, dict):
         distinct = set(widths.values())
         if len(distinct) != 1:
@@ -152,31 +167,45 @@ def run_training(run: RunConfig, resume: bool = False, readout: ReadoutLike | No
         d_in = widths
         sae_values = dict(run.sae)
     torch.manual_seed(init_seed(run.train.seed))  # the SAE's initial weights follow the run's seed, not the data's stream
-    if resolved.hook and not sae_values.get("hook"):
-        sae_values["hook"] = resolved.hook
+    if data.hook and not sae_values.get("hook"):
+        sae_values["hook"] = data.hook
     sae = create_sae(run.arch, {**sae_values, "d_in": d_in})
     if readout is None and run.readout:
         check_readout(sae, True, paired=isinstance(widths, dict))
         readout = build_readout(run.readout, run.data, d_in)
+    return sae, readout
+
+
+def run_training(run: RunConfig, resume: bool = False, readout: ReadoutLike | None = None) -> TrainResult:
+    """Build the SAE from the run config and the data's width, train it, save it to ``run.out``.
+
+    readout: a readout object (module or function of the activations) that takes the place of the
+    config's ``readout`` section, for Python callers whose readout is not a registered kind."""
+    out = Path(run.out) if run.out else None
+    check_out_dir(out, resume)  # before any data is read or run.yaml written
+    check_readout(get_sae_class(run.arch), bool(run.readout) or readout is not None)
+    data = prepare_data(run)
+    main = is_main_process()
+    sae, readout = build_sae(run, data, readout)
     fresh_folder = main and out is not None and not resume and not out.exists()
     if out is not None and not resume and main:
-        _write_run_yaml(out, run)
+        write_run_yaml(out, run)
     try:
-        result = train(sae, source, run.train, out_dir=out, resume=resume, metadata=metadata, eval_source=held_out,
-                       readout=readout)
+        result = train(sae, data.source, run.train, out_dir=out, resume=resume, metadata=data.metadata,
+                       eval_source=data.held_out, readout=readout)
     except VlsaeError:
         # bad data found before the first checkpoint (NaN rows, an empty source): leave no run behind
         if fresh_folder and out is not None and not (out / CHECKPOINT_DIR).exists():
             shutil.rmtree(out, ignore_errors=True)
         raise
-    if projector is not None:
+    if data.projector is not None:
         if out is not None and main:
-            projector.save(out)
-        result.sae = AlignedSAE(result.sae, projector)  # type: ignore[assignment]
+            data.projector.save(out)
+        result.sae = AlignedSAE(result.sae, data.projector)  # type: ignore[assignment]
     return result
 
 
-def _write_run_yaml(out: Path, run: RunConfig) -> None:
+def write_run_yaml(out: Path, run: RunConfig) -> None:
     record = {"arch": run.arch, "sae": run.sae, "data": to_dict(run.data), "train": to_dict(run.train),
               "align": to_dict(run.align), "readout": run.readout, "out": run.out}
     atomic_write_text(out / RUN_YAML, yaml.safe_dump(record, sort_keys=False))

@@ -34,35 +34,37 @@ What it adds around that contract:
 The checks before any work (data, run folder, readout) are ``preflight.py``; writing and
 restoring checkpoints is ``state.py``. Under ``torchrun`` the same loop runs data-parallel
 (``distributed.py``: each rank trains on its slice of every global batch, gradients and
-batch statistics are all-reduced, rank 0 alone writes and prints).
+batch statistics are all-reduced, rank 0 alone writes and prints). The state of one SAE in
+training is a :class:`Trainer`; :func:`train` drives one on a stream of batches, a sweep
+(``sweep.py``) drives several on one stream; the stateless pieces of a step are ``steps.py``.
 """
 from __future__ import annotations
 
-import functools
-import math
-import random
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from vlsae.errors import VlsaeError
-from vlsae.saes.base import SAE, TrainContext, TrainOutput, global_batch, normalized_mse
+from vlsae.saes.base import SAE, TrainContext, global_batch
 from vlsae.sparse import SparseCode
 from vlsae.training.config import TrainConfig
 from vlsae.training.data import ActivationSource, Batch, TensorSource
-from vlsae.training.distributed import check_data_parallel, rank_device, setup
+from vlsae.training.distributed import Replicas, check_data_parallel, rank_device, setup
 from vlsae.training.log import TENSORBOARD_DIR, MetricsLog, print_summary
-from vlsae.training.metrics import evaluate, geometric_median
+from vlsae.training.metrics import evaluate
 from vlsae.training.preflight import CHECKPOINT_DIR, TRAINING_JSON, check_compatible, check_out_dir, check_readout
-from vlsae.training.readout import ReadoutLike, as_readout
+from vlsae.training.readout import Readout, ReadoutLike, as_readout
 from vlsae.training.state import restore_checkpoint, write_checkpoint, write_final
+from vlsae.training.steps import (all_finite, batch_tokens, check_finite, copy_center, cpu_has_bf16_matmul, data_center,
+                                  estimate_scales, evaluation_rows, fold_scales, make_optimizer, resolve_selection_dtype,
+                                  rng_state, seed_everything, set_rng_state, step_record, to_device)
 
-__all__ = ["CHECKPOINT_DIR", "TRAINING_JSON", "TrainResult", "check_compatible", "check_out_dir", "train"]
+__all__ = ["CHECKPOINT_DIR", "TRAINING_JSON", "TrainResult", "Trainer", "check_compatible", "check_out_dir",
+           "cpu_has_bf16_matmul", "estimate_scales", "resolve_selection_dtype", "train"]
 
 
 @dataclass
@@ -76,105 +78,210 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-# ------------------------------------------------------------------ checks
-@functools.lru_cache(maxsize=1)
-def cpu_has_bf16_matmul() -> bool:
-    """True when /proc/cpuinfo lists AMX-BF16 or AVX512-BF16 (there a bf16 matmul
-    runs ~3.7x faster than fp32: 82 vs 304 ms for 4096x512 @ 512x8192 on 2 Xeon cores)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def resolve_selection_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """``train.selection_dtype`` -> the dtype for the SAE's latent-choosing matmul (None: full precision).
-
-    On CUDA the bf16 autocast already covers that matmul, so only the CPU is affected."""
-    if device.type != "cpu" or name == "fp32":
-        return None
-    if name == "bf16" or cpu_has_bf16_matmul():
-        return torch.bfloat16
-    return None
-
-
-def _all_finite(batch: Batch) -> torch.Tensor:
-    """0-d bool tensor on the batch's device (no host sync)."""
-    items = list(batch.values()) if isinstance(batch, dict) else [batch]
-    ok = torch.isfinite(items[0]).all()
-    for t in items[1:]:
-        ok = ok & torch.isfinite(t).all()
-    return ok
-
-
-def _check_finite(batch: Batch, where: str) -> None:
-    items = batch.items() if isinstance(batch, dict) else [("activations", batch)]
-    for name, t in items:
-        if not bool(torch.isfinite(t).all()):
-            what = "the data" if name == "activations" else f"modality '{name}' of the data"
-            raise VlsaeError(f"{what} has NaN or inf values {where}; clean the data (or re-extract it)")
-
-
-def _tokens(batch: Batch) -> int:
-    """Rows in a batch; a pair counts once for paired data."""
-    if isinstance(batch, dict):
-        return next(iter(batch.values())).shape[0]
-    return batch.shape[0]
-
-
-def _to(batch: Batch, device: torch.device, scales: float | dict[str, float]) -> Batch:
-    if isinstance(batch, dict):
-        return {m: t.to(device, torch.float32, non_blocking=True) * scales[m] for m, t in batch.items()}  # type: ignore[index]
-    return batch.to(device, torch.float32, non_blocking=True) * scales  # type: ignore[operator]
-
-
-def estimate_scales(sae: SAE, sample: Batch) -> float | dict[str, float]:
-    """c (or c per modality) with E||c x|| = sqrt(d_in) over the sample's rows."""
-    def scale(x: torch.Tensor) -> float:
-        norm = float(x.float().norm(dim=1).mean())
-        if norm <= 0 or not math.isfinite(norm):
-            raise VlsaeError("the activations are all zero; nothing to train on")
-        return math.sqrt(x.shape[1]) / norm
-    if isinstance(sample, dict):
-        if getattr(sae, "shared_input_scale", False):
-            c = scale(torch.cat(list(sample.values())))
-            return {m: c for m in sample}
-        return {m: scale(x) for m, x in sample.items()}
-    return scale(sample)
-
-
-def data_center(x: torch.Tensor, how: str) -> torch.Tensor:
-    """The b_dec initialisation: geometric median, mean or zeros of the rows of x (n, d)."""
-    if how == "zeros":
-        return torch.zeros(x.shape[1])
-    if how == "mean":
-        return x.float().mean(0)
-    return geometric_median(x.float())
-
-
-def _fold(sae: SAE, scales: float | dict[str, float]) -> None:
-    if isinstance(scales, dict):
-        sae.fold_input_scales(scales)  # type: ignore[attr-defined]  (paired data: a MultimodalSAE, checked first)
-    else:
-        sae.fold_input_scale(scales)
-
-
-def _make_optimizer(sae: SAE, config: TrainConfig, lr: float) -> torch.optim.Optimizer | None:
-    """Adam over the trainable parameters; None for an SAE built without gradients (ITDA)."""
-    if not getattr(sae, "trains_by_gradient", True):
-        return None
-    params = [p for p in sae.parameters() if p.requires_grad]
-    try:
-        return torch.optim.Adam(params, lr=lr, betas=config.betas, eps=config.adam_eps, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.Adam(params, lr=lr, betas=config.betas, eps=config.adam_eps)
-
-
 def _mark_fired(last_fired: torch.Tensor, code: SparseCode, tokens: int) -> None:
     """last_fired[i] = tokens for every latent that fired in this batch (no host sync)."""
     stamps = torch.where(code.values.detach() != 0, tokens, 0)
     last_fired.scatter_reduce_(0, code.indices.reshape(-1), stamps.reshape(-1).to(last_fired.dtype), reduce="amax")
+
+
+# ------------------------------------------------------------------ one SAE in training
+class Trainer:
+    """One SAE in training: its optimizer and schedule, dead-latent counters, logs and checkpoints.
+
+    The driver seeds the generators, then calls :meth:`initialise` with the init sample, :meth:`start`,
+    :meth:`step` with every raw batch of the stream from batch ``step_index`` on until ``finished``,
+    :meth:`close`, and :meth:`finish` with the evaluation rows. :func:`train` drives one;
+    :func:`vlsae.training.sweep.run_sweep` drives several in lock-step on one stream of batches.
+
+    own_rng: keep this SAE's generator states (torch, numpy, Python) apart from the process's, set
+    around each of its steps, so SAEs that step in turn each draw what they would draw alone.
+    own_clock: ``seconds`` counts the time spent in this trainer's own steps (SAEs that share a stream),
+    not the wall time since :meth:`start`.
+    """
+
+    def __init__(self, sae: SAE, config: TrainConfig, replicas: Replicas, device: torch.device,
+                 out: Path | None = None, readout: Readout | None = None, total_steps: int | None = None,
+                 own_rng: bool = False, own_clock: bool = False):
+        self.sae, self.config, self.replicas, self.device, self.readout = sae, config, replicas, device, readout
+        self.out = out
+        self.writes = out if replicas.is_main else None  # only rank 0 writes the run folder
+        self.by_gradient = getattr(sae, "trains_by_gradient", True)
+        self.total_steps = total_steps or config.steps
+        self.own_rng, self.own_clock = own_rng, own_clock
+        self.scales: float | dict[str, float] = 1.0
+        self.peak_lr = config.resolved_lr(sae.n_latents)
+        self.dead_tokens = config.resolved_dead_tokens()
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.last_fired = torch.zeros(sae.n_latents, dtype=torch.long, device=device)
+        self.tokens = self.start_step = self.step_index = 0
+        self.elapsed_before = self.busy = self.began = 0.0
+        self.finished = False
+        self.history: list[dict[str, float]] = []
+        self.log: MetricsLog | None = None
+        self.rng: tuple | None = None
+        self.ended: float | None = None  # set by close(): the end of the training time
+
+    def initialise(self, sample: Batch, centers: dict[Any, Any] | None = None) -> None:
+        """Input scale(s) and decoder bias from the init sample (raw rows), then the optimizer.
+        centers: decoder-bias centres already computed from this same sample, shared by SAEs that
+        would compute the same one (same b_dec_init and scales); filled with this SAE's."""
+        sae, config = self.sae, self.config
+        sae.to(self.device)
+        sae.train()
+        if config.normalize_input:
+            self.scales = estimate_scales(sae, sample)
+        elif isinstance(sample, dict):
+            self.scales = {m: 1.0 for m in sample}
+        if self.readout is not None:
+            self.readout.to(self.device).check(sample[: config.batch_size].to(self.device).float())  # type: ignore[index]
+        key = (config.b_dec_init, repr(self.scales))
+        center = (centers or {}).get(key)
+        if center is None:
+            scaled = to_device(sample, torch.device("cpu"), self.scales)
+            if isinstance(scaled, dict):
+                center = {m: data_center(x, config.b_dec_init) for m, x in scaled.items()}
+            else:
+                center = data_center(scaled, config.b_dec_init)
+            if centers is not None:
+                centers[key] = center
+        sae.init_decoder_bias(copy_center(center))  # type: ignore[arg-type]
+        self.replicas.broadcast_module(sae)
+        self.optimizer = make_optimizer(sae, config, self.peak_lr)
+
+    def start(self, resume: bool = False) -> None:
+        """Restore the checkpoint in ``out`` (resume) or clear a dead fresh run's logs; open the logs."""
+        if resume:
+            assert self.out is not None
+            self.start_step, self.tokens, self.elapsed_before, self.scales = restore_checkpoint(
+                self.out / CHECKPOINT_DIR, self.sae, self.optimizer, self.last_fired, self.config, self.device)
+        elif self.writes is not None and (self.writes / TENSORBOARD_DIR).exists():
+            shutil.rmtree(self.writes / TENSORBOARD_DIR)  # left by a fresh run that died before its first checkpoint
+        self.scales = self.replicas.broadcast_object(self.scales)
+        self.step_index = self.start_step
+        self.finished = self.step_index >= self.total_steps
+        self.log = MetricsLog(self.writes, start_step=self.start_step, tensorboard=self.config.tensorboard)
+        self.use_autocast = self.device.type == "cuda" and self.config.autocast_bf16
+        self.sae.selection_dtype = resolve_selection_dtype(self.config.selection_dtype, self.device)
+        self.params = [p for p in self.sae.parameters() if p.requires_grad]
+        self.wants_grad = self.readout is not None and getattr(self.sae, "uses_downstream_grad", False)
+        if self.own_rng:
+            self.rng = rng_state(self.device)
+        self.began = time.perf_counter()
+
+    def seconds(self) -> float:
+        """Training seconds so far, including those before a resume."""
+        now = self.ended if self.ended is not None else time.perf_counter()
+        return self.elapsed_before + (self.busy if self.own_clock else now - self.began)
+
+    def step(self, raw: Batch) -> dict[str, float] | None:
+        """Train on one raw batch of the stream (batch ``step_index``); the step's record when it is logged."""
+        began = time.perf_counter()
+        if self.rng is not None:
+            set_rng_state(self.rng, self.device)
+        record = self._step(raw)
+        if self.rng is not None:
+            self.rng = rng_state(self.device)
+        self.busy += time.perf_counter() - began
+        return record
+
+    def _step(self, raw: Batch) -> dict[str, float] | None:
+        sae, config, replicas, optimizer, scales, step = (self.sae, self.config, self.replicas, self.optimizer,
+                                                          self.scales, self.step_index)
+        batch = to_device(raw, self.device, scales)
+        lr = self.peak_lr * config.lr_factor(step) if self.by_gradient else 0.0
+        for group in optimizer.param_groups if optimizer is not None else []:
+            group["lr"] = lr
+        dead = (self.tokens - self.last_fired) > self.dead_tokens
+        ctx = TrainContext(step=step, progress=step / self.total_steps, dead_mask=dead)
+        replicas.seed_step(config.seed, step)
+        counts = replicas.buffers_before_step(sae)
+        readout = self.readout
+        if self.wants_grad:  # d loss / d (scaled x) = (d loss / d raw x) / scale
+            assert readout is not None and not isinstance(scales, dict)
+            ctx.downstream_grad = readout.input_gradient(batch / scales) / scales  # type: ignore[operator]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_autocast), \
+                torch.set_grad_enabled(self.by_gradient), global_batch(replicas.sum if replicas.parallel else None):
+            out_step = sae.training_forward(batch, ctx)
+        loss = out_step.loss if out_step.losses else torch.zeros((), device=self.device)
+        loss_ok, data_ok, rows = replicas.step_check(torch.isfinite(loss.detach()), all_finite(batch),
+                                                     batch_tokens(batch))  # the one sync per step
+        if not (loss_ok and data_ok):
+            check_finite(batch, f"in the batch of step {step}")
+            if not data_ok:
+                raise VlsaeError(f"the data has NaN or inf values in the batch of step {step} (the part another "
+                                 "process read); clean the data (or re-extract it)")
+            raise VlsaeError(f"the loss became {float(loss) if not bool(torch.isfinite(loss)) else 'nan or inf'} "
+                             f"at step {step}; lower the learning rate (train.lr)")
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            replicas.average_gradients(self.params)
+            replicas.sync_buffers(sae, counts)  # batch statistics the forward pass updated, before a step reads them
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), config.grad_clip)
+            sae.before_optimizer_step()
+            optimizer.step()
+            sae.after_optimizer_step()
+        if replicas.parallel and sae.edits_parameters_in_forward(step):
+            replicas.broadcast_module(sae)
+        self.tokens += rows
+        _mark_fired(self.last_fired, out_step.code, self.tokens)
+        replicas.sync_last_fired(self.last_fired)
+
+        done = self.step_index = step + 1
+        self.finished = done == self.total_steps or bool(getattr(sae, "full", False))  # a full ITDA adds nothing more
+        record = None
+        if done % config.log_every == 0 or self.finished:
+            record = step_record(done, lr, loss, out_step, batch, dead)
+            if readout is not None and not isinstance(scales, dict):
+                record.update(readout.fidelity(batch / scales, out_step.recon.detach().float() / scales))  # type: ignore[operator, union-attr]
+            record = replicas.mean_record(record)
+            self.history.append(record)
+            assert self.log is not None
+            self.log.write(record)
+        if not self.finished and self.writes is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
+            self.checkpoint()
+        return record
+
+    def checkpoint(self) -> None:
+        """Write ``out/checkpoint`` at the current step (rank 0)."""
+        assert self.writes is not None and self.log is not None
+        self.log.flush()
+        write_checkpoint(self.writes, self.sae, self.optimizer, self.last_fired, self.step_index, self.tokens,
+                         self.seconds(), self.scales, self.config, self.device, self.replicas.world)
+
+    def close(self) -> None:
+        """After the last step (or an error): inference chooses latents in full precision; logs closed."""
+        self.ended = time.perf_counter()
+        self.sae.selection_dtype = None
+        if self.log is not None:
+            self.log.close()
+
+    def finish(self, rows: Batch, eval_split: str, metadata: dict[str, Any] | None = None) -> TrainResult:
+        """Fold the input scale in, score the SAE on ``rows`` (raw, on the device), write the finished run."""
+        sae, config = self.sae, self.config
+        trained_seconds = self.seconds() - self.elapsed_before
+        final_dead = float(((self.tokens - self.last_fired) > self.dead_tokens).float().mean())
+        fold_scales(sae, self.scales)
+        sae.eval()
+        summary: dict[str, Any] = {"arch": sae.arch, "d_in": sae.d_in, "n_latents": sae.n_latents}
+        summary.update(evaluate(sae, rows))
+        if self.readout is not None:
+            with torch.no_grad():
+                summary.update(self.readout.fidelity(rows, sae(rows)))  # type: ignore[arg-type]
+            summary["readout"] = self.readout.info or {"name": self.readout.name}
+        summary.update({
+            "dead_fraction": final_dead, "eval_split": eval_split, "eval_rows": batch_tokens(rows),
+            "steps": self.step_index, "tokens": self.tokens,
+            "seconds": round(self.elapsed_before + trained_seconds, 2),
+            "tokens_per_s": round((self.step_index - self.start_step) * config.batch_size / max(trained_seconds, 1e-9), 1),
+            "device": str(self.device), "world_size": self.replicas.world, "lr": self.peak_lr, "input_scale": self.scales,
+        })
+        if not self.by_gradient:
+            summary["training"] = "one pass, no gradients"
+        if self.writes is not None:
+            write_final(self.writes, sae, config, summary, metadata)
+        return TrainResult(sae=sae, summary=summary, out_dir=self.out, history=self.history)
 
 
 # -------------------------------------------------------------------- train
@@ -224,177 +331,37 @@ def train(sae: SAE, source: ActivationSource, config: TrainConfig | None = None,
     device = rank_device(config.device)
     replicas = setup(device)
     check_data_parallel(sae, config.batch_size, replicas.world)
-    writes = out if replicas.is_main else None  # only rank 0 writes the run folder
     show = config.progress and replicas.is_main
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed % 2 ** 32)
-    random.seed(config.seed)
+    seed_everything(config.seed)
 
-    sae.to(device)
-    sae.train()
+    trainer = Trainer(sae, config, replicas, device, out=out, readout=readout, total_steps=total_steps)
     sample = source.sample(config.init_rows, seed=config.seed)
-    _check_finite(sample, "in the rows sampled for initialisation")
-    scales: float | dict[str, float] = 1.0
-    if config.normalize_input:
-        scales = estimate_scales(sae, sample)
-    elif isinstance(sample, dict):
-        scales = {m: 1.0 for m in sample}
-    if readout is not None:
-        readout.to(device).check(sample[: config.batch_size].to(device).float())  # type: ignore[index]
-    scaled = _to(sample, torch.device("cpu"), scales)
-    if isinstance(scaled, dict):
-        sae.init_decoder_bias({m: data_center(x, config.b_dec_init) for m, x in scaled.items()})  # type: ignore[arg-type]
-    else:
-        sae.init_decoder_bias(data_center(scaled, config.b_dec_init))
-    del scaled, sample
-    replicas.broadcast_module(sae)
-
-    peak_lr = config.resolved_lr(sae.n_latents)
-    optimizer = _make_optimizer(sae, config, peak_lr)
-    dead_tokens = config.resolved_dead_tokens()
-    last_fired = torch.zeros(sae.n_latents, dtype=torch.long, device=device)
-    tokens = 0
-    start_step = 0
-    elapsed_before = 0.0
-    if resume:
-        assert out is not None
-        start_step, tokens, elapsed_before, scales = restore_checkpoint(out / CHECKPOINT_DIR, sae, optimizer,
-                                                                        last_fired, config, device)
-    elif writes is not None and (writes / TENSORBOARD_DIR).exists():
-        shutil.rmtree(writes / TENSORBOARD_DIR)  # left by a fresh run that died before its first checkpoint
-    scales = replicas.broadcast_object(scales)
-
-    log = MetricsLog(writes, start_step=start_step, tensorboard=config.tensorboard)
-    history: list[dict[str, float]] = []
+    check_finite(sample, "in the rows sampled for initialisation")
+    trainer.initialise(sample)
+    del sample
+    trainer.start(resume)
     bar = None
     if show:
         from tqdm.auto import tqdm
-        bar = tqdm(total=total_steps, initial=start_step, desc=f"{'train' if by_gradient else 'build'} {sae.arch}",
+        bar = tqdm(total=total_steps, initial=trainer.start_step, desc=f"{'train' if by_gradient else 'build'} {sae.arch}",
                    unit="step", dynamic_ncols=True)
-    use_autocast = device.type == "cuda" and config.autocast_bf16
-    sae.selection_dtype = resolve_selection_dtype(config.selection_dtype, device)
-    batches = replicas.batches(source, config.batch_size, seed=config.seed, start=start_step)
-    params = [p for p in sae.parameters() if p.requires_grad]
-    wants_grad = readout is not None and getattr(sae, "uses_downstream_grad", False)
-    steps_run = start_step
-    began = time.perf_counter()
+    batches = replicas.batches(source, config.batch_size, seed=config.seed, start=trainer.start_step)
     try:
-        for step in range(start_step, total_steps):
-            batch = _to(next(batches), device, scales)
-            lr = peak_lr * config.lr_factor(step) if by_gradient else 0.0
-            for group in optimizer.param_groups if optimizer is not None else []:
-                group["lr"] = lr
-            dead = (tokens - last_fired) > dead_tokens
-            ctx = TrainContext(step=step, progress=step / total_steps, dead_mask=dead)
-            replicas.seed_step(config.seed, step)
-            counts = replicas.buffers_before_step(sae)
-            if wants_grad:  # d loss / d (scaled x) = (d loss / d raw x) / scale
-                assert readout is not None and not isinstance(scales, dict)
-                ctx.downstream_grad = readout.input_gradient(batch / scales) / scales  # type: ignore[operator]
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast), torch.set_grad_enabled(by_gradient), \
-                    global_batch(replicas.sum if replicas.parallel else None):
-                out_step = sae.training_forward(batch, ctx)
-            loss = out_step.loss if out_step.losses else torch.zeros((), device=device)
-            loss_ok, data_ok, rows = replicas.step_check(torch.isfinite(loss.detach()), _all_finite(batch),
-                                                         _tokens(batch))  # the one sync per step
-            if not (loss_ok and data_ok):
-                _check_finite(batch, f"in the batch of step {step}")
-                if not data_ok:
-                    raise VlsaeError(f"the data has NaN or inf values in the batch of step {step} (the part another "
-                                     "process read); clean the data (or re-extract it)")
-                raise VlsaeError(f"the loss became {float(loss) if not bool(torch.isfinite(loss)) else 'nan or inf'} "
-                                 f"at step {step}; lower the learning rate (train.lr)")
-            if optimizer is not None:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                replicas.average_gradients(params)
-                replicas.sync_buffers(sae, counts)  # batch statistics the forward pass updated, before a step reads them
-                if config.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(sae.parameters(), config.grad_clip)
-                sae.before_optimizer_step()
-                optimizer.step()
-                sae.after_optimizer_step()
-            if replicas.parallel and sae.edits_parameters_in_forward(step):
-                replicas.broadcast_module(sae)
-            tokens += rows
-            _mark_fired(last_fired, out_step.code, tokens)
-            replicas.sync_last_fired(last_fired)
-
-            done = steps_run = step + 1
-            finished = done == total_steps or bool(getattr(sae, "full", False))  # a full ITDA adds nothing more
-            if done % config.log_every == 0 or finished:
-                record = _step_record(done, lr, loss, out_step, batch, dead)
-                if readout is not None and not isinstance(scales, dict):
-                    record.update(readout.fidelity(batch / scales, out_step.recon.detach().float() / scales))  # type: ignore[operator, union-attr]
-                record = replicas.mean_record(record)
-                history.append(record)
-                log.write(record)
-                if bar is not None:
-                    bar.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}", dead=f"{record['dead_fraction']:.2f}")
+        while not trainer.finished:
+            record = trainer.step(next(batches))
             if bar is not None:
+                if record is not None:
+                    bar.set_postfix(fvu=f"{record['fvu']:.3f}", l0=f"{record['l0']:.1f}", dead=f"{record['dead_fraction']:.2f}")
                 bar.update(1)
-            if finished:
-                break
-            if writes is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
-                log.flush()
-                write_checkpoint(writes, sae, optimizer, last_fired, done, tokens,
-                                 elapsed_before + time.perf_counter() - began, scales, config, device, replicas.world)
     finally:
-        sae.selection_dtype = None  # inference and evaluation choose latents in full precision
+        trainer.close()
         if bar is not None:
             bar.close()
-        log.close()
 
-    trained_seconds = time.perf_counter() - began
-    final_dead = float(((tokens - last_fired) > dead_tokens).float().mean())
-    _fold(sae, scales)
-    sae.eval()
     held = eval_source if eval_source is not None else source
-    rows = held.sample(config.eval_rows, seed=config.seed + 1)
-    rows = {m: t.to(device).float() for m, t in rows.items()} if isinstance(rows, dict) else rows.to(device).float()
-    summary: dict[str, Any] = {"arch": sae.arch, "d_in": sae.d_in, "n_latents": sae.n_latents}
-    summary.update(evaluate(sae, rows))
-    if readout is not None:
-        with torch.no_grad():
-            summary.update(readout.fidelity(rows, sae(rows)))  # type: ignore[arg-type]
-        summary["readout"] = readout.info or {"name": readout.name}
-    summary.update({
-        "dead_fraction": final_dead,
-        "eval_split": "held-out" if eval_source is not None else "training sample",
-        "eval_rows": _tokens(rows),
-        "steps": steps_run, "tokens": tokens,
-        "seconds": round(elapsed_before + trained_seconds, 2),
-        "tokens_per_s": round((steps_run - start_step) * config.batch_size / max(trained_seconds, 1e-9), 1),
-        "device": str(device), "world_size": replicas.world, "lr": peak_lr, "input_scale": scales,
-    })
-    if not by_gradient:
-        summary["training"] = "one pass, no gradients"
-    if writes is not None:
-        write_final(writes, sae, config, summary, metadata)
+    result = trainer.finish(evaluation_rows(held, config, device),
+                            "held-out" if eval_source is not None else "training sample", metadata)
     replicas.barrier()  # on every rank, train() returns once the run folder is complete
     if show:
-        print_summary(summary, title=f"{sae.arch} SAE" + (f" -> {out}" if out else ""))
-    return TrainResult(sae=sae, summary=summary, out_dir=out, history=history)
-
-
-def _step_record(step: int, lr: float, loss: torch.Tensor, out_step: TrainOutput, batch: Batch,
-                 dead: torch.Tensor) -> dict[str, float]:
-    """The JSONL/TensorBoard record of a logged step (figures on the training batch, scaled space)."""
-    record: dict[str, float] = {"step": step, "lr": lr, "loss": float(loss.detach())}
-    for name, value in out_step.losses.items():
-        record[f"loss_{name}"] = float(value.detach())
-    with torch.no_grad():
-        if isinstance(batch, dict):
-            fvus = []
-            for m, x in batch.items():
-                f = float(normalized_mse(x, out_step.recon[m].float()))  # type: ignore[index]
-                record[f"fvu_{m}"] = f
-                fvus.append(f)
-            record["fvu"] = sum(fvus) / len(fvus)
-        else:
-            record["fvu"] = float(normalized_mse(batch, out_step.recon.float()))  # type: ignore[union-attr]
-    record["l0"] = float(out_step.code.l0().float().mean())
-    record["dead_fraction"] = float(dead.float().mean())
-    for key, value in out_step.metrics.items():
-        record.setdefault(key, float(value))
-    return record
+        print_summary(result.summary, title=f"{sae.arch} SAE" + (f" -> {out}" if out else ""))
+    return result
