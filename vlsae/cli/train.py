@@ -8,6 +8,10 @@ before training starts, so a finished SAE is never thrown away.
 Data-parallel: ``torchrun --nproc-per-node N -m vlsae train ...`` (or ``vlsae train --nproc N
 ...``, which launches exactly that through ``torch.distributed.run``) trains one SAE in N
 processes, ``--batch-size`` being the global batch (:mod:`vlsae.training.distributed`).
+
+Sweeps: ``--sweep sae.k=16,32,64`` (repeatable; or a ``sweep:`` section in the config) trains every
+combination on one stream of batches read once, one run folder each under --out, and prints the
+table that ``OUT/sweep.json`` and ``OUT/sweep.md`` hold (:mod:`vlsae.training.sweep`).
 """
 from __future__ import annotations
 
@@ -17,12 +21,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from vlsae.errors import VlsaeError
 from vlsae.saes import get_sae_class, list_archs
 from vlsae.training.config import TrainConfig
 from vlsae.training.distributed import check_data_parallel, env_world_size, session
-from vlsae.training.run import RunConfig, load_run_config, run_training, saved_run_config
+from vlsae.training.run import RunConfig, run_config_from_dict, run_training, saved_run_config
+from vlsae.training.sweep import format_table, is_sweep_dir, load_sweep, run_sweep, saved_sweep
 from vlsae.training.trainer import check_out_dir
 
 HELP = "train an SAE on a tensor file, an activation cache or a planted-feature suite"
@@ -35,6 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML run config (see configs/); flags and --set override it (default: none)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any run-config key, e.g. --set sae.k=16 --set train.lr=3e-4 (repeatable; default: none)")
+    parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                        help="train one SAE per value, on one stream of batches read once, e.g. --sweep sae.k=16,32,64; "
+                             "several --sweep flags train every combination, each in OUT/k=16,... (arch, sae.* and "
+                             "the optimisation keys of train.*; default: none, one SAE)")
     data = parser.add_argument_group("data (one of)")
     data.add_argument("--data", help="a .safetensors or .npy tensor file (one tensor, or tensors named by modality; default: none)")
     data.add_argument("--acts", help="an activation cache folder from `vlsae extract` (default: none)")
@@ -84,22 +94,38 @@ def fresh_run_dir(arch: str, root: str | Path = RUNS_DIR) -> Path:
     return candidate
 
 
-def _run_config(args: argparse.Namespace) -> RunConfig:
+def _run_config(args: argparse.Namespace) -> tuple[RunConfig | None, dict[str, Any], dict[str, list[Any]]]:
+    """(the run config, or None for a sweep; the run-config mapping; the sweep's axes, empty for one run)."""
     base = None
+    overrides = [*_flag_overrides(args), *args.set]
     if args.resume:
         if not args.out:
             raise VlsaeError("--resume needs --out (the folder of the interrupted run)")
+        if is_sweep_dir(args.out):
+            if args.sweep:
+                raise VlsaeError(f"the sweep's keys come from {args.out}/sweep.yaml on --resume; drop --sweep")
+            base, axes = saved_sweep(args.out)
+            data, _ = load_sweep(args.config, overrides, [], base=base)
+            return None, data, axes
         check_out_dir(args.out, resume=True)
         base = saved_run_config(args.out)
         if base is None and args.config is None:
             raise VlsaeError(f"{args.out} has a checkpoint but no run.yaml; pass the run's --config and flags again with --resume")
     elif args.config is None and not (args.data or args.acts or args.synthetic):
         raise VlsaeError("no training data: pass --config FILE, --data FILE, --acts DIR or --synthetic SUITE")
-    return load_run_config(args.config, overrides=[*_flag_overrides(args), *args.set], base=base)
+    data, axes = load_sweep(args.config, overrides, args.sweep, base=base)
+    if axes and args.resume:
+        raise VlsaeError(f"{args.out} holds one run, not a sweep; resume it without --sweep")
+    if axes:
+        run_config_from_dict({k: v for k, v in data.items() if k != "out"})  # the shared keys, checked now
+        return None, data, axes
+    return run_config_from_dict(data), data, axes
 
 
 def run(args: argparse.Namespace) -> int:
-    run_config = _run_config(args)
+    run_config, data, axes = _run_config(args)
+    if run_config is None:
+        return _sweep(args, data, axes)
     if args.nproc is not None and args.nproc != 1:
         return launch(args, run_config)
     with session(run_config.train.device) as replicas:
@@ -116,7 +142,30 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def launch(args: argparse.Namespace, run_config: RunConfig) -> int:
+def _sweep(args: argparse.Namespace, data: dict[str, Any], axes: dict[str, list[Any]]) -> int:
+    """``--sweep`` (or a ``sweep:`` section): every combination on one stream, then the comparison table."""
+    shared = run_config_from_dict({k: v for k, v in data.items() if k != "out"})
+    if args.nproc is not None and args.nproc != 1:
+        if data.get("out") is None:
+            data["out"] = str(fresh_run_dir("sweep"))
+            args._argv = [*args._argv, "--out", data["out"]]
+        shared.out = data["out"]
+        return launch(args, shared, sweep=True)
+    with session(shared.train.device) as replicas:
+        out = data.get("out")
+        if out is None:
+            out = replicas.broadcast_object(str(fresh_run_dir("sweep")) if replicas.is_main else None)
+            if replicas.is_main:
+                print(f"vlsae train: no --out given; writing the sweep to {out}")
+        result = run_sweep(data, axes, out, resume=args.resume)
+        if not replicas.is_main:
+            return 0
+    print(format_table(result.summary))
+    print(f"saved {len(result.arms)} SAEs to {result.out_dir} (sweep.json, sweep.md)")
+    return 0
+
+
+def launch(args: argparse.Namespace, run_config: RunConfig, sweep: bool = False) -> int:
     """``--nproc N``: check what can be checked here, then run this same command in N processes with
     ``python -m torch.distributed.run --standalone --nproc-per-node N -m vlsae train ...``."""
     n = args.nproc
@@ -127,11 +176,12 @@ def launch(args: argparse.Namespace, run_config: RunConfig) -> int:
                          "--nproc-per-node sets the number)")
     check_data_parallel(get_sae_class(run_config.arch), run_config.train.batch_size, n)
     argv = _without_nproc(args._argv)
-    if run_config.out is None:
+    if run_config.out is None and not sweep:
         run_config.out = str(fresh_run_dir(run_config.arch))
         print(f"vlsae train: no --out given; writing the run to {run_config.out}")
         argv += ["--out", run_config.out]
-    check_out_dir(run_config.out, args.resume)
+    if not sweep:  # a sweep folder is checked by run_sweep in the launched processes
+        check_out_dir(run_config.out, args.resume)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))  # torchrun's default would be 1
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
