@@ -1,6 +1,10 @@
 """`vlsae train --sweep`: many SAEs on one stream of batches, each the SAE it would be alone; resume; refusals."""
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -158,3 +162,23 @@ def test_values_and_names():
     assert all("/" not in n and not n.startswith(".") for n in names)
     assert arm_names([{"sae.k": 1}, {"sae.k": "1"}]) == ["k=1", "k=1-2"]
     assert sweep_module.SWEEPABLE_TRAIN and "seed" not in sweep_module.SWEEPABLE_TRAIN
+
+
+def test_a_sweep_runs_data_parallel_under_torchrun(acts, tmp_path):
+    """2 CPU ranks (gloo): every arm the same SAE as in one process (TopK: up to float order); rank 0 alone writes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    args = small(acts, "--sweep", "sae.k=2,4")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(port), "-m", "vlsae", *args, "--out", str(tmp_path / "two")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    for name in ("k=2", "k=4"):
+        a = json.loads((tmp_path / "one" / name / "training.json").read_text())
+        b = json.loads((tmp_path / "two" / name / "training.json").read_text())
+        assert b["world_size"] == 2 and b["summary"]["fvu"] == pytest.approx(a["summary"]["fvu"], rel=1e-3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
