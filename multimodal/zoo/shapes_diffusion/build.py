@@ -153,17 +153,21 @@ def assemble(parts: dict[str, Any]) -> Any:
 
 @contextlib.contextmanager
 def quiet_loading() -> Iterator[None]:
-    """No diffusers / transformers progress bars while saving or loading a few-megabyte pipeline."""
+    """No diffusers / transformers progress bars or notices while saving or loading a few-megabyte pipeline
+    (diffusers warns that ``accelerate`` is missing on every model it builds: advice for multi-GB loads)."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    previous = [(m, m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)]
-    for module, _ in previous:
+    modules = (diffusers_logging, transformers_logging)
+    previous = [(m, m.is_progress_bar_enabled(), m.get_verbosity()) for m in modules]
+    for module in modules:
         module.disable_progress_bar()
+        module.set_verbosity_error()
     try:
         yield
     finally:
-        for module, enabled in previous:
+        for module, enabled, verbosity in previous:
+            module.set_verbosity(verbosity)
             if enabled:
                 module.enable_progress_bar()
 
