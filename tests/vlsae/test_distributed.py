@@ -204,7 +204,7 @@ def test_other_verbs_still_refuse_a_multi_process_launch(tmp_path):
                           cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode != 0 and not (tmp_path / "synth").exists()
     lines = [line for line in done.stderr.splitlines() if line.startswith("vlsae synth: error:")]
-    assert len(lines) == 1 and "only `vlsae train` does" in lines[0], done.stderr[-3000:]
+    assert len(lines) == 1 and "does not run data-parallel (only `vlsae train`" in lines[0], done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("argv, words", [
