@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,27 +18,19 @@ from multimodal.cache import ActivationCache
 from multimodal.extract import ExtractConfig, extract
 from multimodal.ood_data import write_ood_set
 from multimodal.shapesworld import ShapesWorldConfig, write_world
+from tests.torchrun import torchrun, torchrun_env
 
 SHARD = 50  # every set has two shards: rank r of 2 extracts shard r
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def vlsae_ood(world: SimpleNamespace, out: Path, *extra: str, ranks: int = 2) -> subprocess.CompletedProcess:
     """`vlsae ood` on the fixture's sets under torchrun with ``ranks`` processes (``ranks=0``: one plain process)."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
-                "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "vlsae"]
-    command = [*(torchrun if ranks else [sys.executable, "-m", "vlsae"]), "ood", "--sae", str(world.sae),
+    launch = torchrun(ranks, "-m", "vlsae") if ranks else [sys.executable, "-m", "vlsae"]
+    command = [*launch, "ood", "--sae", str(world.sae),
                "--model", "shapes-clip", "--fit", str(world.fit), "--id", str(world.id),
                "--ood", f"noise={world.noise}", "--classes", str(world.classes), "--bootstrap", "50",
                "--batch-size", "25", "--device", "cpu", "--no-figures", "--quiet", "--out", str(out), *extra]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"  # the same kernels in every process, so embeddings compare exactly
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, check=False)
+    return subprocess.run(command, env=torchrun_env(), capture_output=True, text=True, timeout=180, check=False)
 
 
 def assert_ok(run: subprocess.CompletedProcess) -> str:

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -23,25 +21,16 @@ from multimodal.extract import ExtractConfig
 from multimodal.extract_distributed import PARTS, Exchange, Ranks, _Split, extract_distributed, merge_reads
 from multimodal.pairs import ShardRead
 from multimodal.shapesworld import ShapesWorldConfig, write_world
+from tests.torchrun import torchrun, torchrun_env
 
 MAIN = Path(__file__).with_name("_dist_extract_main.py")
 N, SHARD = 200, 50  # four data shards: ranks 0 and 1 of 2 take two each
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(data: str, out: Path, *extra: str, ranks: int = 2) -> subprocess.CompletedProcess:
     """The entry script under torchrun with ``ranks`` processes (``ranks=0``: as one plain process)."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
-                "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
-    command = [*(torchrun if ranks else [sys.executable]), str(MAIN), "--data", data, "--out", str(out), *extra]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"  # the same kernels in every process, so rows compare exactly
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, check=False)
+    command = [*(torchrun(ranks) if ranks else [sys.executable]), str(MAIN), "--data", data, "--out", str(out), *extra]
+    return subprocess.run(command, env=torchrun_env(), capture_output=True, text=True, timeout=180, check=False)
 
 
 def assert_ok(run: subprocess.CompletedProcess) -> dict:
@@ -215,12 +204,9 @@ def test_an_error_on_one_rank_is_raised_on_every_rank(world):
 
 def test_the_extract_verb_runs_split_under_torchrun(world, tmp_path):
     """`torchrun -m vlsae extract` is the same split extraction; process 0 alone prints the summary line."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-               "--master-port", str(free_port()), "-m", "vlsae", "extract", "--model", "shapes-clip",
+    command = [*torchrun(2, "-m", "vlsae"), "extract", "--model", "shapes-clip",
                "--data", world.pattern, "--out", str(tmp_path / "cli"), "--batch-size", "25", "--no-progress"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, check=False)
+    run = subprocess.run(command, env=torchrun_env(), capture_output=True, text=True, timeout=180, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("wrote ") == 1 and f"{N} pairs" in run.stdout
     cache = ActivationCache(tmp_path / "cli")

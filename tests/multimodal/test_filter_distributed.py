@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,24 +24,16 @@ from multimodal.filtering.distributed import merged_timing
 from multimodal.filtering.spill import read_shard_scores
 from multimodal.ranks import Ranks
 from multimodal.shapesworld import ShapesWorldConfig, write_world
+from tests.torchrun import torchrun, torchrun_env
 
 N, SHARD = 150, 50  # three shards: rank 0 of 2 scores shards 0 and 2, rank 1 shard 1
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def vlsae_filter(*argv: str, ranks: int = 2) -> subprocess.CompletedProcess:
     """`vlsae filter ARGV` under torchrun with ``ranks`` processes (``ranks=0``: one plain process)."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
-                "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "vlsae"]
-    command = [*(torchrun if ranks else [sys.executable, "-m", "vlsae"]), "filter", *argv, "--quiet"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"  # the same kernels in every process, so scores compare exactly
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, check=False)
+    launch = torchrun(ranks, "-m", "vlsae") if ranks else [sys.executable, "-m", "vlsae"]
+    command = [*launch, "filter", *argv, "--quiet"]
+    return subprocess.run(command, env=torchrun_env(), capture_output=True, text=True, timeout=180, check=False)
 
 
 def saev_args(world: SimpleNamespace, out: Path) -> list[str]:

@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -21,6 +20,7 @@ from vlsae.checkpoint import load_sae
 from vlsae.cli import main
 from vlsae.training.data import TensorSource
 from vlsae.training.distributed import Replicas, slice_rows
+from tests.torchrun import torchrun, torchrun_env
 
 SUITE = {"n_features": 32, "d": 32, "expected_l0": 2}
 N_TRAIN, N_TEST = 6000, 1000
@@ -28,21 +28,7 @@ STEPS = 300
 TIMEOUT = 150
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env() -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    out["OMP_NUM_THREADS"] = "1"  # one thread per rank on a small machine (and no torchrun notice about it)
-    return out
-
-
-def torchrun(nproc: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-port", str(free_port()), *args]
+env = torchrun_env
 
 
 def train_args(out: Path, *extra: str) -> list[str]:
