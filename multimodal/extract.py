@@ -378,18 +378,23 @@ def _result(writer: ActivationWriter, manifest: dict[str, Any], resumed_from: in
                          manifest=manifest)
 
 
-def extract(config: ExtractConfig, adapter: Adapter | None = None) -> ExtractResult:
-    """``vlsae extract``: read ``config.data`` with the pair reader, write the cache at ``config.out``.
-
-    The cheap checks (flags, shards present, ``--out`` writable) come before the
-    model is loaded, so a typo costs a second, not a model download.
-    """
+def check_extract_config(config: ExtractConfig) -> None:
+    """The cheap checks of an extraction (data and out given, out writable, the lost-pair threshold)."""
     if not config.data:
         raise VlsaeError("no --data given; pass webdataset shards, e.g. --data 'DIR/{000000..000009}.tar'")
     if not config.out:
         raise VlsaeError("no --out given; pass the activation cache folder to write")
     check_writable_dir(config.out, flag="--out")
     check_max_skipped(config.max_skipped)
+
+
+def extract(config: ExtractConfig, adapter: Adapter | None = None) -> ExtractResult:
+    """``vlsae extract``: read ``config.data`` with the pair reader, write the cache at ``config.out``.
+
+    The cheap checks (flags, shards present, ``--out`` writable) come before the
+    model is loaded, so a typo costs a second, not a model download.
+    """
+    check_extract_config(config)
     urls = expand_urls(config.data)
     if adapter is None:
         adapter = create_adapter(config.model, device=config.device, dtype=config.dtype)

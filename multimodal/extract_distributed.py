@@ -53,14 +53,14 @@ from typing import Any, Callable
 
 from vlsae.devices import resolve_device
 from vlsae.errors import VlsaeError
-from vlsae.files import atomic_write_json, check_writable_dir
+from vlsae.files import atomic_write_json
 
 from multimodal.adapters import Adapter, create_adapter
 from multimodal.adapters.base import dtype_name
 from multimodal.cache_format import MANIFEST, read_manifest
 from multimodal.cache_writer import cache_statistics
-from multimodal.extract import ExtractConfig, ExtractResult, extract, extract_pairs
-from multimodal.pairs import PairReader, ReadStats, ShardRead, check_max_skipped, expand_urls
+from multimodal.extract import ExtractConfig, ExtractResult, check_extract_config, extract, extract_pairs
+from multimodal.pairs import PairReader, ReadStats, ShardRead, expand_urls
 from multimodal.ranks import TIMEOUT, Exchange, Ranks, on_every_rank
 
 __all__ = ["PARTS", "TIMEOUT", "Exchange", "Ranks", "extract_distributed", "is_split_cache", "merge_manifest",
@@ -170,12 +170,7 @@ class _Split:
     def _check(self) -> list[str]:
         """The cheap checks of :func:`extract` plus those of the split layout; the same on every rank."""
         config = self.config
-        if not config.data:
-            raise VlsaeError("no --data given; pass webdataset shards, e.g. --data 'DIR/{000000..000009}.tar'")
-        if not config.out:
-            raise VlsaeError("no --out given; pass the activation cache folder to write")
-        check_writable_dir(config.out, flag="--out")
-        check_max_skipped(config.max_skipped)
+        check_extract_config(config)
         if config.limit is not None:
             raise VlsaeError(f"--limit does not split over {self.ranks.world} processes (a process does not know "
                              "how many pairs the shards before its own hold); drop it, or run as one process on a new "
