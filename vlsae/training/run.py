@@ -88,16 +88,16 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
     data: dict[str, Any] = dict(base or {})
     if path is not None:
         loaded = load_yaml(path)
-        data = _merge(loaded, data)
+        data = merge_config(loaded, data)
     data = apply_overrides(data, overrides or [])
     return run_config_from_dict(data)
 
 
-def _merge(low: dict[str, Any], high: dict[str, Any]) -> dict[str, Any]:
+def merge_config(low: dict[str, Any], high: dict[str, Any]) -> dict[str, Any]:
     out = dict(low)
     for key, value in high.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_config(out[key], value)
         else:
             out[key] = value
     return out

@@ -47,7 +47,7 @@ from vlsae.saes import get_sae_class
 from vlsae.training.distributed import check_data_parallel, rank_device, setup
 from vlsae.training.log import format_value
 from vlsae.training.preflight import CHECKPOINT_DIR, TRAINING_JSON, check_compatible, check_out_dir, check_readout
-from vlsae.training.run import RunConfig, _merge, build_sae, prepare_data, run_config_from_dict, write_run_yaml
+from vlsae.training.run import RunConfig, merge_config, build_sae, prepare_data, run_config_from_dict, write_run_yaml
 from vlsae.training.steps import check_finite, evaluation_rows, rng_state, seed_everything, set_rng_state
 from vlsae.training.trainer import TrainResult, Trainer
 
@@ -205,7 +205,7 @@ def load_sweep(path: str | Path | None, overrides: list[str], sweeps: list[str],
     if path is not None:
         loaded = load_yaml(path)
         section = loaded.pop("sweep", None)
-        data = _merge(loaded, data)
+        data = merge_config(loaded, data)
     data = apply_overrides(data, overrides)
     axes = sweep_section(section)
     axes.update(parse_sweep_flags(sweeps))
