@@ -192,10 +192,12 @@ class _Split:
         config, ranks, out = self.config, self.ranks, self.out
         urls = self._check()
         exchange = Exchange(ranks)
-        if config.overwrite and is_split_cache(out):  # its parts are about to be rewritten in place
-            self._exchange(exchange, lambda: None)  # every rank has read the old manifest (its checks) first
-            if ranks.is_main:
-                (out / MANIFEST).unlink(missing_ok=True)
+        # every rank looks at --out before any writes to it: a decision taken on what a rank sees must not
+        # depend on how far the others have got (a slow rank seeing a fast one's new parts/ would make one
+        # exchange more than the others); rank 0's view decides
+        was_split = self._exchange(exchange, lambda: is_split_cache(out))[0]
+        if config.overwrite and was_split and ranks.is_main:  # its parts are about to be rewritten in place
+            (out / MANIFEST).unlink(missing_ok=True)
         mine = ranks.shards(len(urls))
 
         def work() -> list[dict[str, Any]]:

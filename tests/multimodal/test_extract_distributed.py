@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +19,7 @@ from vlsae.errors import VlsaeError
 from multimodal.adapters import create_adapter
 from multimodal.cache import ActivationCache
 from multimodal.extract import ExtractConfig
+from multimodal import extract_distributed as distributed
 from multimodal.extract_distributed import PARTS, Exchange, Ranks, _Split, extract_distributed, merge_reads
 from multimodal.pairs import ShardRead
 from multimodal.shapesworld import ShapesWorldConfig, write_world
@@ -211,3 +213,59 @@ def test_the_extract_verb_runs_split_under_torchrun(world, tmp_path):
     assert run.stdout.count("wrote ") == 1 and f"{N} pairs" in run.stdout
     cache = ActivationCache(tmp_path / "cli")
     assert cache.keys() == ActivationCache(world.single).keys() and cache.manifest["ranks"] == 2
+
+
+class _Board:
+    """An in-process stand-in for the rendezvous store: the posts of ranks running as threads."""
+
+    def __init__(self, world: int):
+        self.world, self.posts, self.changed = world, {}, threading.Condition()
+
+    def exchange(self, ranks: Ranks, name: str = "extract") -> _ThreadExchange:
+        return _ThreadExchange(self, ranks)
+
+
+class _ThreadExchange:
+    def __init__(self, board: _Board, ranks: Ranks):
+        self.board, self.rank, self.phases = board, ranks.rank, 0
+
+    def gather(self, value):
+        board = self.board
+        self.phases += 1
+        with board.changed:
+            board.posts[self.phases, self.rank] = value
+            board.changed.notify_all()
+            assert board.changed.wait_for(lambda: all((self.phases, r) in board.posts for r in range(board.world)),
+                                          timeout=120), "a rank never reached the exchange"
+        return [board.posts[self.phases, r] for r in range(board.world)]
+
+
+def test_a_slow_rank_sees_what_the_fast_one_saw(world, shapes_clip, tmp_path, monkeypatch):
+    """Rank 1 starts only once rank 0 has either posted or written parts/: it must still make the same exchanges
+    (it once saw rank 0's fresh parts/ as "a split cache being overwritten" and made one exchange more)."""
+    board = _Board(world=2)
+    monkeypatch.setattr(distributed, "Exchange", board.exchange)
+    out = tmp_path / "acts"
+    results, errors = {}, {}
+
+    def rank(r: int) -> None:
+        if r == 1:
+            with board.changed:
+                board.changed.wait_for(lambda: (out / PARTS).exists() or (1, 0) in board.posts, timeout=120)
+        try:
+            results[r] = extract_distributed(config(world, out, overwrite=True), adapter=shapes_clip,
+                                             ranks=Ranks(rank=r, world=2))
+        except Exception as exc:  # noqa: BLE001 - reported below with the rank
+            errors[r] = exc
+            with board.changed:  # the other rank must not wait for this one
+                board.posts.update({(phase, r): {"error": repr(exc)} for phase in range(1, 10)})
+                board.changed.notify_all()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+    assert results[0].n_pairs == results[1].n_pairs == N
+    assert ActivationCache(out).keys() == ActivationCache(world.single).keys()
