@@ -14,16 +14,15 @@ from __future__ import annotations
 import os
 import pickle
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, Callable
 
 import torch.distributed as dist
 
 from vlsae.errors import VlsaeError
+from vlsae.rendezvous import STAGE_TIMEOUT, join_store
 
-# a stage waits for the slowest rank (one data shard more than the others, on a CPU: minutes or hours);
-# a rank that dies is torchrun's to notice (it stops the others), so the wait itself is long
-TIMEOUT = timedelta(hours=12)
+# a stage waits for the slowest rank (see vlsae.rendezvous); joining the others has its own, short timeout
+TIMEOUT = STAGE_TIMEOUT
 
 
 def _env_int(name: str, default: int) -> int:
@@ -76,14 +75,11 @@ class Exchange:
         self.store: Any = None
         if ranks.world <= 1:
             return
-        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-            raise VlsaeError(f"WORLD_SIZE={ranks.world} but no MASTER_ADDR/MASTER_PORT: launch the processes with "
-                             "torchrun")
         if dist.is_initialized():  # the caller's process group already holds a client of the store
             store = dist.distributed_c10d._get_default_store()
+            store.set_timeout(TIMEOUT)
         else:
-            store, _, _ = next(dist.rendezvous("env://", rank=ranks.rank, world_size=ranks.world, timeout=TIMEOUT))
-        store.set_timeout(TIMEOUT)
+            store = join_store(ranks.rank, ranks.world)  # within the connect timeout, or one line
         Exchange._runs += 1
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # keys of an earlier attempt stay in the store
         self.store = dist.PrefixStore(f"vlsae/{name}/{restart}/{Exchange._runs}", store)

@@ -242,3 +242,24 @@ def test_each_rank_reads_its_own_slice_of_every_batch():
     paired = {"image": x, "text": -x}
     sliced = slice_rows(paired, 1, 2)
     assert torch.equal(sliced["image"], x[500:]) and torch.equal(sliced["text"], -x[500:])
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_process_that_cannot_reach_the_others_stops_in_one_line(tmp_path, rank):
+    """A launch whose other process never starts: rank 0 waits for it to connect, rank 1 for a store nobody
+    hosts; both stop after VLSAE_CONNECT_TIMEOUT with one line (exit 2), not a hang or a C++ trace."""
+    from tests.torchrun import free_port
+
+    launch = {**env(), "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+              "MASTER_PORT": str(free_port()), "VLSAE_CONNECT_TIMEOUT": "2"}
+    for verb in (train_args(tmp_path / "run"), ["-m", "vlsae", "extract", "--model", "shapes-clip", "--data",
+                                                "world/{000000..000001}.tar", "--out", str(tmp_path / "acts")]):
+        if "extract" in verb:
+            main(["world", "--n", "20", "--shard-size", "10", "--out", str(tmp_path / "world"), "--quiet"])
+        start = time.monotonic()
+        done = subprocess.run([sys.executable, *verb], cwd=tmp_path, env=launch, capture_output=True, text=True,
+                              timeout=TIMEOUT)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
+        assert f"process {rank} of 2 waited 2 s" in lines[0] and "VLSAE_CONNECT_TIMEOUT" in lines[0]
+        assert time.monotonic() - start < 60 and not (tmp_path / "run").exists() and not (tmp_path / "acts" / "parts").exists()

@@ -19,6 +19,7 @@ import pkgutil
 import sys
 
 from vlsae.errors import VlsaeError
+from vlsae.rendezvous import UnreachableError
 from vlsae.training.distributed import end_process, env_world_size, is_main_process
 
 # The order `vlsae --help` lists verbs in; a verb module not named here (a new application's) follows them.
@@ -80,7 +81,7 @@ def _run_verb(args: argparse.Namespace) -> int:
             _refuse_multi_process_launch(args.verb)
         return int(args._run(args) or 0)
     except VlsaeError as exc:
-        if is_main_process():
+        if is_main_process() or isinstance(exc, UnreachableError):  # otherwise rank 0 says it for every rank
             print(f"vlsae {args.verb}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

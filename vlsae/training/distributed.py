@@ -62,6 +62,7 @@ import torch.distributed as dist
 
 from vlsae.devices import resolve_device
 from vlsae.errors import VlsaeError
+from vlsae.rendezvous import join_store
 from vlsae.training.data import ActivationSource, Batch, TensorSource
 
 REDUCTIONS = {"mean": dist.ReduceOp.SUM, "sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
@@ -284,10 +285,9 @@ def setup(device: torch.device) -> Replicas:
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        if "MASTER_ADDR" not in os.environ:
-            raise VlsaeError(f"WORLD_SIZE={env_world_size()} but no MASTER_ADDR: launch the processes with torchrun "
-                             "(or vlsae train --nproc N)")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = env_rank(), env_world_size()
+        store = join_store(rank, world)  # a process that cannot reach the others stops with one line
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world)
         global _JOINED
         _JOINED = True
     return Replicas(dist.get_rank(), dist.get_world_size())
