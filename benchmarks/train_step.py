@@ -16,6 +16,10 @@ On a CPU with bf16 matrix units (AMX or AVX512-BF16) each vlsae architecture is
 timed twice: choosing the active latents in fp32 and in bf16
 (``train.selection_dtype``, the trainer's default there); the values, loss and
 gradients are fp32 in both.
+The **floor** rows time what no TopK training step can avoid: the encoder matmul in the selection
+dtype (bf16 on a CPU with bf16 units) and ``torch.topk`` over its output, no backward and no
+optimizer: as written (a fresh output per call) and into a reused output (no allocation either).
+The ``vs floor`` column divides every row's step time by the first.
 Multimodal architectures (``vl*``) step on a batch of every modality, so their
 tokens/s counts the rows of all modalities (image rows + text rows).
 """
@@ -101,6 +105,19 @@ def dense_topk_step(x: torch.Tensor, d: int, n_latents: int, k: int, device: str
     return step
 
 
+def floor_step(x: torch.Tensor, n_latents: int, k: int, dtype: torch.dtype, reuse: bool) -> Callable[[], None]:
+    """The encoder matmul in ``dtype`` and a row-wise top-k of its output: a TopK step's unavoidable part."""
+    left = x.to(dtype)
+    weight = torch.randn(n_latents, x.shape[1], device=x.device).to(dtype)
+    bias = torch.zeros(n_latents, device=x.device, dtype=dtype)
+    out = torch.empty(x.shape[0], n_latents, device=x.device, dtype=dtype) if reuse else None
+
+    def step() -> None:
+        pre = torch.addmm(bias, left, weight.t(), out=out) if reuse else torch.addmm(bias, left, weight.t())
+        pre.topk(k, dim=1, sorted=False)
+    return step
+
+
 def sparsify_step(x: torch.Tensor, d: int, n_latents: int, k: int, device: str, fused: bool,
                   cpu_bf16: bool = False) -> Callable[[], None] | None:
     try:
@@ -161,6 +178,11 @@ def main() -> None:
             label = f"vlsae {arch}" + (f" (select {sel})" if len(selections) > 1 else "")
             candidates.append((label, n_rows, lambda arch=arch, data=data, sel=sel:
                                vlsae_step(arch, data, args.d, args.latents, args.k, args.device, sel)))
+    floor_dtype = torch.bfloat16 if "bf16" in selections else torch.float32
+    floor_name = f"floor: {'bf16' if floor_dtype == torch.bfloat16 else 'fp32'} encoder matmul + torch.topk"
+    candidates.insert(0, (floor_name, args.batch, lambda: floor_step(x, args.latents, args.k, floor_dtype, False)))
+    candidates.insert(1, (floor_name + ", output reused", args.batch,
+                          lambda: floor_step(x, args.latents, args.k, floor_dtype, True)))
     if not args.no_baselines:
         candidates.append(("dense PyTorch TopK", args.batch, lambda: dense_topk_step(x, args.d, args.latents, args.k, args.device)))
         candidates.append(("sparsify SparseCoder + Adam", args.batch, lambda: sparsify_step(x, args.d, args.latents, args.k, args.device, fused=False)))
@@ -197,10 +219,13 @@ def main() -> None:
     table.add_column("ms/step", justify="right")
     table.add_column("tokens/s", justify="right")
     table.add_column("vs sparsify+Adam", justify="right")
+    table.add_column("vs floor", justify="right")
+    floor = rows[0][1]  # seconds per step of the first floor row
     for name, seconds, n_rows in rows:
         tokens_per_s = n_rows / seconds
         ratio = f"{tokens_per_s / reference:.2f}x" if reference else "-"
-        table.add_row(name, str(n_rows), f"{seconds * 1000:.1f}", f"{tokens_per_s:,.0f}", ratio)
+        versus_floor = f"{seconds * rows[0][2] / (floor * n_rows):.2f}x"  # per input row: vl* steps take two
+        table.add_row(name, str(n_rows), f"{seconds * 1000:.1f}", f"{tokens_per_s:,.0f}", ratio, versus_floor)
     Console().print(table)
 
 

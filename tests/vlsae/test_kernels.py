@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from vlsae.kernels import sampled_rows_dot, scatter_rows, sparse_decode, sparse_encode
+from vlsae import kernels
+from vlsae.kernels import (SelectionScratch, TransposePattern, fused_topk, sampled_rows_dot, scatter_rows,
+                          sparse_decode, sparse_encode)
 
 
 @pytest.mark.parametrize("batch,width,n,d", [(7, 3, 20, 5), (64, 8, 128, 16), (1, 1, 4, 2)])
@@ -50,3 +52,59 @@ def test_helpers_on_empty_and_unused_rows():
     assert out.shape == (5, 2)
     assert torch.equal(out[1], torch.zeros(2)) and torch.equal(out[0], torch.tensor([2.0, 0.0]))
     assert sampled_rows_dot(torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 2), torch.zeros(4, 2)).shape == (0, 3)
+
+
+def test_sparse_encode_with_a_centre_matches_dense():
+    """``center`` (b_dec) gets the gradient of ``x - center`` without a (batch, d) gradient of x."""
+    torch.manual_seed(1)
+    x = torch.randn(40, 6, dtype=torch.float64)
+    w = torch.randn(30, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(30, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(0, 30, (40, 4))
+    assert torch.autograd.gradcheck(lambda w, b, c: sparse_encode(x, w, b, idx, center=c), (w, b, c))
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, c: sparse_encode(x, w, None, idx, center=c), (x, c))
+    assert torch.allclose(sparse_encode(x, w, b, idx, center=c), ((x - c) @ w.t() + b).gather(1, idx))
+
+
+def test_weight_gradients_share_one_transpose_pattern_per_code():
+    torch.manual_seed(2)
+    idx = torch.randint(0, 50, (64, 5))
+    values, dense = torch.randn(64, 5), torch.randn(64, 7)
+    reference = torch.zeros(64, 50).scatter_add(1, idx, values).t() @ dense
+    first = kernels.transpose_pattern(idx, 50)
+    assert kernels.transpose_pattern(idx, 50) is first  # the decoder's and encoder's products of one step
+    assert torch.allclose(scatter_rows(idx, values, dense, 50, first), reference, atol=1e-5)
+    idx[0, 0] = (idx[0, 0] + 1) % 50  # changed in place: the pattern is rebuilt, not reused
+    assert kernels.transpose_pattern(idx, 50) is not first
+    changed = torch.zeros(64, 50).scatter_add(1, idx, values).t() @ dense
+    assert torch.allclose(scatter_rows(idx, values, dense, 50, first), changed, atol=1e-5)
+    assert isinstance(first, TransposePattern)
+
+
+@pytest.mark.parametrize("batch", [1, 100, 333])
+def test_fused_topk_equals_the_dense_topk_block_by_block(batch, monkeypatch):
+    """Several blocks (a tiny block budget), a last short block, AuxK's dead candidates from the same pass."""
+    monkeypatch.setattr(kernels, "SELECTION_BLOCK_BYTES", 64 * 96 * 4)  # 64 rows of 96 fp32 latents per block
+    torch.manual_seed(3)
+    x, w, b = torch.randn(batch, 12, dtype=torch.float64), torch.randn(96, 12, dtype=torch.float64), torch.randn(96, dtype=torch.float64)
+    dead = torch.rand(96) < 0.3
+    scratch = SelectionScratch()
+    indices, dead_indices = fused_topk(x, w, b, 7, dead=dead, k_dead=5, scratch=scratch)
+    pre = x @ w.t() + b
+    assert torch.equal(indices.sort(1).values, pre.topk(7, dim=1).indices.sort(1).values)
+    masked = pre.masked_fill(~dead, float("-inf"))
+    assert torch.equal(dead_indices.sort(1).values, masked.topk(5, dim=1).indices.sort(1).values)
+    assert scratch.buffer.shape == (min(batch, 64), 96)  # one block's rows, reused by every block
+    again, none = fused_topk(x, w, b, 7, scratch=scratch)
+    assert none is None and torch.equal(again.sort(1).values, indices.sort(1).values)
+
+
+def test_fused_topk_in_bf16_chooses_what_a_bf16_matmul_chooses():
+    torch.manual_seed(4)
+    x, w = torch.randn(256, 32), torch.randn(512, 32)
+    got, _ = fused_topk(x, w, None, 8, dtype=torch.bfloat16)
+    expected = (x.bfloat16() @ w.bfloat16().t()).float()
+    kth = expected.topk(8, dim=1).values[:, -1:]
+    assert bool((expected.gather(1, got) >= kth).all())  # every choice is among the bf16 top 8 (ties aside)

@@ -23,6 +23,7 @@ from typing import Callable, ClassVar, Iterator, Union
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from vlsae.config import option
 from vlsae.errors import VlsaeError
@@ -165,7 +166,7 @@ class SAE(nn.Module):
         so Adam's step moves directions, not norms."""
         if self.config.unit_norm_decoder and self.W_dec.grad is not None:
             w, g = self.W_dec, self.W_dec.grad
-            g.sub_((g * w).sum(dim=1, keepdim=True) * w)
+            g.addcmul_(w, torch.bmm(g.unsqueeze(1), w.unsqueeze(2)).view(-1, 1), value=-1)  # no (n, d) temporary
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
@@ -323,5 +324,8 @@ def normalized_mse(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     training forward: this slice's mean row error over the global batch's :func:`row_variance`."""
     if _RANK_SUM.get() is not None:
         return (x - recon).pow(2).sum(dim=1).mean() / row_variance(x).clamp_min(1e-12)
-    var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-8)
-    return (x - recon).pow(2).sum() / var
+    if x.requires_grad:
+        var = (x - x.mean(0)).pow(2).sum()
+    else:  # a data batch: one pass, no (batch, d) temporaries (a few ms of a CPU step at batch 4096)
+        var = x.var(0, correction=0).sum() * x.shape[0]
+    return F.mse_loss(recon, x, reduction="sum") / var.clamp_min(1e-8)

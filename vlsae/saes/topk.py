@@ -17,7 +17,7 @@ from torch import nn
 
 from vlsae.config import option
 from vlsae.errors import VlsaeError
-from vlsae.kernels import sparse_decode, sparse_encode
+from vlsae.kernels import SelectionScratch, fused_topk, sparse_decode, sparse_encode
 from vlsae.saes import register_sae
 from vlsae.saes.base import SAE, SAEConfig, TrainContext, TrainOutput, auxk_loss, dense_pre_activations, normalized_mse
 from vlsae.sparse import SparseCode
@@ -57,23 +57,35 @@ class LinearEncoderSAE(SAE):
 
     def selected_pre_activations(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Differentiable pre-activations of the latents in ``indices`` (batch, K) only."""
-        return sparse_encode(x - self.b_dec, self.W_enc, self.b_enc, indices)
+        return sparse_encode(x, self.W_enc, self.b_enc, indices, center=self.b_dec)
 
     def aux_loss(self, x: torch.Tensor, pre: torch.Tensor, recon: torch.Tensor, ctx: TrainContext,
                  k_aux: int, coef: float, signed: bool = False) -> dict[str, torch.Tensor]:
         """AuxK over the trainer's dead latents; empty when none are dead or coef is 0."""
-        dead = ctx.dead_mask
-        if coef == 0 or dead is None or not bool(dead.any()):
+        width = self.aux_width(ctx, k_aux, coef)
+        if not width:
             return {}
-        n_dead = int(dead.sum())
-        width = min(k_aux, n_dead)
         with torch.no_grad():
             score = pre.abs() if signed else pre
-            _, idx = score.masked_fill(~dead, float("-inf")).topk(width, dim=1, sorted=False)
+            _, idx = score.masked_fill(~ctx.dead_mask, float("-inf")).topk(width, dim=1, sorted=False)
+        return self.aux_loss_at(x, idx, recon, ctx, k_aux, coef, signed)
+
+    @staticmethod
+    def aux_width(ctx: TrainContext, k_aux: int, coef: float) -> int:
+        """How many dead latents AuxK reads per row (0: no AuxK this step: coef 0 or none dead)."""
+        dead = ctx.dead_mask
+        if coef == 0 or dead is None or not bool(dead.any()):
+            return 0
+        return min(k_aux, int(dead.sum()))
+
+    def aux_loss_at(self, x: torch.Tensor, idx: torch.Tensor, recon: torch.Tensor, ctx: TrainContext,
+                    k_aux: int, coef: float, signed: bool = False) -> dict[str, torch.Tensor]:
+        """AuxK from the chosen dead latents ``idx`` (batch, width): they reconstruct the residual."""
         vals = self.selected_pre_activations(x, idx)
         if not signed:
             vals = torch.relu(vals)
         aux_recon = sparse_decode(idx, vals, self.W_dec)
+        n_dead = int(ctx.dead_mask.sum())
         return {"auxk": coef * auxk_loss((x - recon).detach(), aux_recon, n_dead, k_aux)}
 
 
@@ -93,11 +105,23 @@ class TopKSAE(LinearEncoderSAE):
         return SparseCode(torch.relu(values), indices, self.n_latents)
 
     def training_forward(self, x: torch.Tensor, ctx: TrainContext) -> TrainOutput:
+        config = self.config
+        width = self.aux_width(ctx, config.aux_width, config.aux_coef)
+        # the encoder matmul and both top-ks (active latents, AuxK's dead ones) block by block, in
+        # selection_dtype, without the (batch, n_latents) matrix (vlsae.kernels.fused_topk)
         with torch.no_grad():
-            pre = self.selection_pre_activations(x)
-            indices = self.select(pre)
+            indices, dead_indices = fused_topk(x - self.b_dec, self.W_enc, self.b_enc, config.k, dead=ctx.dead_mask,
+                                               k_dead=width, dtype=self.selection_dtype, scratch=self._scratch())
         values = torch.relu(self.selected_pre_activations(x, indices))
         recon = sparse_decode(indices, values, self.W_dec) + self.b_dec
         losses = {"mse": normalized_mse(x, recon)}
-        losses.update(self.aux_loss(x, pre, recon, ctx, self.config.aux_width, self.config.aux_coef))
+        if width:
+            losses.update(self.aux_loss_at(x, dead_indices, recon, ctx, config.aux_width, config.aux_coef))
         return TrainOutput(recon=recon, losses=losses, code=SparseCode(values, indices, self.n_latents))
+
+    def _scratch(self) -> SelectionScratch:
+        """This SAE's selection buffer (an attribute, not a buffer: never saved, never moved with ``.to``)."""
+        scratch = self.__dict__.get("_selection_scratch")
+        if scratch is None:
+            scratch = self.__dict__["_selection_scratch"] = SelectionScratch()
+        return scratch
