@@ -5,8 +5,8 @@ runs an adapter in batches and streams the activations into an
 :class:`~multimodal.cache.ActivationWriter`. :func:`extract_pairs` does the same
 for any iterable of pair records (tests, in-memory data).
 
-Pipeline: a background thread reads records and batches them, a small thread
-pool runs ``adapter.prepare`` (image transforms, tokenising) on the next
+Pipeline (:mod:`multimodal.prefetch`): a background thread reads records and
+batches them, a small thread pool runs ``adapter.prepare`` (image transforms, tokenising) on the next
 batches, and the main thread runs the model and writes shards, so reading
 and preprocessing overlap the forward pass. With ``reader_process=True`` the
 reading and preparing run in a forked reader process instead (one PyTorch
@@ -35,15 +35,11 @@ recorded in the manifest as ``skipped``.
 from __future__ import annotations
 
 import itertools
-import queue
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
-import torch
 
 from vlsae.config import option
 from vlsae.errors import VlsaeError
@@ -52,6 +48,7 @@ from vlsae.files import check_writable_dir
 from multimodal.adapters import Adapter, create_adapter
 from multimodal.adapters.base import Extracted, dtype_name, pair_fields
 from multimodal.cache import ActivationWriter
+from multimodal.prefetch import batched, prepared_stream
 from multimodal.pairs import DEFAULT_MAX_SKIPPED, PairReader, ReadStats, check_max_skipped, expand_urls
 
 
@@ -120,152 +117,8 @@ def drop_first_pairs(batch: Extracted, k: int) -> Extracted:
     return Extracted(keys=batch.keys[k:], acts=acts, pair_index=index)
 
 
-def _batched(records: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    iterator = iter(records)
-    while True:
-        chunk = list(itertools.islice(iterator, size))
-        if not chunk:
-            return
-        yield chunk
-
-
-class _Prefetcher:
-    """Reads batches and prepares them in background threads, yielding them in order."""
-
-    _END = object()
-
-    def __init__(self, batches: Iterator[list[Any]], prepare: Callable[[list[Any]], Any], workers: int, depth: int):
-        self.batches = batches
-        self.prepare = prepare
-        self.queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
-        self.stop = threading.Event()
-        self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="vlsae-prepare")
-        self.thread = threading.Thread(target=self._produce, name="vlsae-reader", daemon=True)
-        self.thread.start()
-
-    def _put(self, item: Any) -> bool:
-        while not self.stop.is_set():
-            try:
-                self.queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _produce(self) -> None:
-        try:
-            for batch in self.batches:
-                if not self._put((batch, self.pool.submit(self.prepare, batch))):
-                    return
-            self._put(self._END)
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            self._put(exc)
-
-    def __iter__(self) -> Iterator[tuple[list[Any], Any]]:
-        while True:
-            item = self.queue.get()
-            if item is self._END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            batch, future = item
-            yield batch, future.result()
-
-    def close(self) -> None:
-        self.stop.set()
-        while True:  # unblock the reader and cancel queued work
-            try:
-                item = self.queue.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, tuple) and isinstance(item[1], Future):
-                item[1].cancel()
-        self.thread.join(timeout=5)
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-@dataclass
-class _ReadFailure:
-    """An exception raised in the reader process, carried to the main process to be raised there."""
-
-    error: BaseException
-
-
-@dataclass
-class _ReadReport:
-    """The reader process's read statistics, sent after its last batch (the main process's copy saw nothing)."""
-
-    stats: ReadStats
-
-
 class _DataMismatch(VlsaeError):
     """The data differ from what the unfinished cache was extracted from (the message says what to do)."""
-
-
-class _PreparedBatches(torch.utils.data.IterableDataset):
-    """Batches of records, prepared by a thread pool, in order: the reader's work, in this
-    process or in a reader process (``carry_errors``: an error becomes a :class:`_ReadFailure`
-    item, since a DataLoader worker would wrap it in a multi-line traceback)."""
-
-    def __init__(self, batches: Callable[[], Iterator[list[Any]]], prepare: Callable[[list[Any]], Any], workers: int,
-                 carry_errors: bool = False, reads: ReadStats | None = None):
-        self.batches = batches
-        self.prepare = prepare
-        self.workers = workers
-        self.carry_errors = carry_errors
-        self.reads = reads  # sent after the last batch (carry_errors: the reader process's copy)
-
-    def __iter__(self) -> Iterator[Any]:
-        prefetch = _Prefetcher(self.batches(), self.prepare, workers=self.workers, depth=self.workers + 2)
-        try:
-            for _, prepared in prefetch:
-                yield prepared
-            if self.carry_errors and self.reads is not None:
-                yield _ReadReport(self.reads)
-        except Exception as exc:  # noqa: BLE001 - every reading error is the caller's to see
-            if not self.carry_errors:
-                raise
-            yield _ReadFailure(_picklable(exc))
-        finally:
-            prefetch.close()
-
-
-def _picklable(exc: BaseException) -> BaseException:
-    import pickle
-
-    try:
-        pickle.loads(pickle.dumps(exc))
-        return exc
-    except Exception:  # noqa: BLE001
-        return VlsaeError(f"{type(exc).__name__}: {exc}")
-
-
-def _prepared_stream(batches: Callable[[], Iterator[list[Any]]], prepare: Callable[[list[Any]], Any], workers: int,
-                     in_process: bool, reads: ReadStats | None = None) -> Iterator[Any]:
-    """Prepared batches in order, from a forked reader process (or, with ``in_process``, from threads here).
-
-    ``reads``, the statistics the records' reader fills, ends up holding the reader process's counts.
-    """
-    import multiprocessing
-
-    if in_process or "fork" not in multiprocessing.get_all_start_methods():  # no fork (Windows): threads here
-        yield from _PreparedBatches(batches, prepare, workers)
-        return
-    from torch.utils.data import DataLoader
-
-    items = iter(DataLoader(_PreparedBatches(batches, prepare, workers, carry_errors=True, reads=reads), batch_size=None,
-                            num_workers=1, multiprocessing_context="fork", prefetch_factor=max(2, workers + 2)))
-    try:
-        for item in items:
-            if isinstance(item, _ReadFailure):
-                raise item.error
-            if isinstance(item, _ReadReport):
-                if reads is not None:
-                    reads.absorb(item.stats)
-                continue
-            yield item
-    finally:
-        getattr(items, "_shutdown_workers", lambda: None)()
 
 
 def extract_pairs(adapter: Adapter, records: Iterable[Any], out: str | Path, hook: str = "final", tokens: str = "cls",
@@ -295,46 +148,62 @@ def extract_pairs(adapter: Adapter, records: Iterable[Any], out: str | Path, hoo
     info = {"adapter": adapter.describe(), "hook_points": points, **(info or {})}
     writer = ActivationWriter(out, settings, modalities, widths, adapter.dtype, shard_rows=shard_rows,
                               overwrite=overwrite, info=info)
-    done = writer.resume_position
+    return run_writers(adapter, records, {hook: writer}, tokens, batch_size, limit, workers, progress, data,
+                       reader_process, reads)[hook]
+
+
+def run_writers(adapter: Adapter, records: Iterable[Any], writers: dict[str, ActivationWriter], tokens: str,
+                batch_size: int, limit: int | None, workers: int, progress: bool, data: str, reader_process: bool,
+                reads: ReadStats | None) -> dict[str, ExtractResult]:
+    """Run ``adapter`` over ``records`` once into one opened cache writer per hook; hook -> result.
+
+    Every writer resumes from its own finished shards: the stream restarts at the batch of the
+    earliest missing pair and each writer drops the pairs it already holds.
+    """
+    done = min(w.resume_position for w in writers.values())
     if limit is not None and done >= limit:
-        manifest = writer.close()
-        return _result(writer, manifest, done, 0.0, 0.0, 0)
+        return {hook: _result(w, w.close(), w.resume_position, 0.0, 0.0, 0) for hook, w in writers.items()}
     try:
-        return _run(adapter, records, writer, hook, tokens, modalities, batch_size, limit, workers, progress, data,
-                    reader_process, reads)
+        return _run(adapter, records, writers, tokens, batch_size, limit, workers, progress, data, reader_process,
+                    reads)
     except _DataMismatch:
         raise
     except VlsaeError as exc:
-        hint = writer.resume_hint()
+        hint = next((h for h in (w.resume_hint() for w in writers.values()) if h), None)
         if hint is None:
             raise
         raise VlsaeError(f"{exc}; {hint}") from None
 
 
-def _run(adapter: Adapter, records: Iterable[Any], writer: ActivationWriter, hook: str, tokens: str,
-         modalities: list[str], batch_size: int, limit: int | None, workers: int, progress: bool, data: str,
-         reader_process: bool, reads: ReadStats | None) -> ExtractResult:
-    """The streaming part of :func:`extract_pairs`: records -> batches -> forward -> writer."""
-    out = writer.path
-    done = writer.resume_position
+def _run(adapter: Adapter, records: Iterable[Any], writers: dict[str, ActivationWriter], tokens: str,
+         batch_size: int, limit: int | None, workers: int, progress: bool, data: str,
+         reader_process: bool, reads: ReadStats | None) -> dict[str, ExtractResult]:
+    """The streaming part of :func:`run_writers`: records -> batches -> one forward for every hook -> writers."""
+    first = next(iter(writers.values()))
+    out = first.path if len(writers) == 1 else first.path.parent
+    done = min(w.resume_position for w in writers.values())
     aligned = (done // batch_size) * batch_size
-    drop = done - aligned
-    expected_key = writer.last_key
+    resumed = {hook: w.resume_position for hook, w in writers.items()}
+    drop = {hook: held - aligned for hook, held in resumed.items()}  # pairs each writer already holds
+    expected = {w.resume_position - 1: (w.last_key, w.path) for w in writers.values() if w.last_key is not None}
+    last_needed = max(w.resume_position for w in writers.values()) - 1
+    modalities = [m for m in adapter.modalities if any(m in adapter.parse_hook(h) for h in writers)]
 
     def positioned() -> Iterator[Any]:
         """Records from position ``aligned`` on (the skipped ones are read, not prepared)."""
         position = -1
         # islice stops at the limit without reading one record more (the read statistics count what was read)
         for position, record in enumerate(records if limit is None else itertools.islice(records, limit)):
-            if position == done - 1 and expected_key is not None and str(pair_fields(record)[0]) != expected_key:
-                raise _DataMismatch(f"the data changed since the interrupted extraction into {out}: pair {position} is "
-                                    f"'{pair_fields(record)[0]}', the cache has '{expected_key}'; use the same --data or "
+            if position in expected and str(pair_fields(record)[0]) != expected[position][0]:
+                key, path = expected[position]
+                raise _DataMismatch(f"the data changed since the interrupted extraction into {path}: pair {position} "
+                                    f"is '{pair_fields(record)[0]}', the cache has '{key}'; use the same --data or "
                                     f"--overwrite")
             if position >= aligned:
                 yield record
-        if position < done - 1:
-            raise _DataMismatch(f"the data has {position + 1} pairs but the unfinished cache {out} already holds {done}; "
-                                f"use the same --data or --overwrite")
+        if position < last_needed:
+            raise _DataMismatch(f"the data has {position + 1} pairs but the unfinished cache {out} already holds "
+                                f"{last_needed + 1}; use the same --data or --overwrite")
 
     started = time.perf_counter()
     forward_seconds = 0.0
@@ -343,32 +212,39 @@ def _run(adapter: Adapter, records: Iterable[Any], writer: ActivationWriter, hoo
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=limit, initial=done, unit="pair", desc=f"extract {hook}", dynamic_ncols=True,
+        bar = tqdm(total=limit, initial=done, unit="pair", desc=f"extract {' '.join(writers)}", dynamic_ncols=True,
                    disable=None, leave=False)
-    stream = _prepared_stream(lambda: _batched(positioned(), batch_size),
+    stream = prepared_stream(lambda: batched(positioned(), batch_size),
                               lambda batch: adapter.prepare(batch, modalities=modalities), workers=workers,
                               in_process=not reader_process, reads=reads)
     try:
         for prepared in stream:
             tick = time.perf_counter()
-            batch = adapter.forward(prepared, hook, tokens)
+            batches = adapter.forward_hooks(prepared, list(writers), tokens)
             forward_seconds += time.perf_counter() - tick
             n_batches += 1
-            if drop:
-                batch, drop = drop_first_pairs(batch, drop), 0
-            writer.add(batch)
+            for hook, writer in writers.items():
+                batch, held = batches[hook], drop[hook]
+                if held:
+                    drop[hook] = max(0, held - len(batch.keys))
+                    batch = drop_first_pairs(batch, held)
+                    if not batch.keys:
+                        continue
+                writer.add(batch)
             if bar is not None:
-                bar.update(len(batch.keys))
+                bar.update(len(prepared.keys))
     finally:
         stream.close()
         if bar is not None:
             bar.close()
-    if writer.resume_position == 0 and not writer.pending_pairs:
+    if first.resume_position == 0 and not first.pending_pairs:
         raise VlsaeError(f"no pairs to extract from {data or 'the records given'}; check --data")
     if reads is not None:
         reads.check()  # the reader checks at its end too; a --limit stops it before that
-    manifest = writer.close(extra=None if reads is None else {"skipped": reads.summary()})
-    return _result(writer, manifest, done, time.perf_counter() - started, forward_seconds, n_batches)
+    seconds = time.perf_counter() - started
+    extra = None if reads is None else {"skipped": reads.summary()}
+    return {hook: _result(w, w.close(extra=extra), resumed[hook], seconds, forward_seconds, n_batches)
+            for hook, w in writers.items()}
 
 
 def _result(writer: ActivationWriter, manifest: dict[str, Any], resumed_from: int, seconds: float,

@@ -138,19 +138,20 @@ class BlockCapture:
     >>> cap.outputs[3]   # (batch, seq, width)
     """
 
-    def __init__(self, blocks: dict[int, torch.nn.Module], seq_first: bool = False):
+    def __init__(self, blocks: dict[int, torch.nn.Module], seq_first: bool = False, stop: bool = True):
         self.blocks = blocks
         self.seq_first = seq_first
+        self.stop = stop  # False: let the forward finish (its output is wanted too)
         self.outputs: dict[int, Tensor] = {}
         self._handles: list[Any] = []
 
     def __enter__(self) -> "BlockCapture":
-        last = max(self.blocks)
+        last = max(self.blocks, default=None)
         for index, module in self.blocks.items():
             def hook(_module, _inputs, output, index=index):
                 out = output[0] if isinstance(output, (tuple, list)) else output
                 self.outputs[index] = out.transpose(0, 1) if self.seq_first else out
-                if index == last and len(self.outputs) == len(self.blocks):
+                if self.stop and index == last and len(self.outputs) == len(self.blocks):
                     raise _StopForward
             self._handles.append(module.register_forward_hook(hook))
         return self
@@ -210,6 +211,11 @@ class Adapter:
         raise NotImplementedError
 
     # -- shared ---------------------------------------------------------------
+    def forward_hooks(self, prepared: Prepared, hooks: Sequence[str], tokens: str) -> dict[str, Extracted]:
+        """Activations at several hooks of one batch: hook -> what :meth:`forward` gives there. This default
+        runs one forward per hook; adapters whose model yields all the points in one pass override it."""
+        return {hook: self.forward(prepared, hook, tokens) for hook in hooks}
+
     def extract(self, pairs: Sequence[Any], hook: str | None = None, tokens: str = "cls") -> Extracted:
         """Activations of ``pairs`` at ``hook`` (default: the final embeddings)."""
         return self.forward(self.prepare(pairs), hook or self.default_hook, tokens)

@@ -286,20 +286,28 @@ class LlavaAdapter(Adapter):
 
     # -- running ----------------------------------------------------------------------------
     def forward(self, prepared: Prepared, hook: str, tokens: str) -> Extracted:
+        return self.forward_hooks(prepared, [hook], tokens)[hook]
+
+    def forward_hooks(self, prepared: Prepared, hooks: Sequence[str], tokens: str) -> dict[str, Extracted]:
+        """Every hook's activations from one forward of the model: the modules of all hooks captured together
+        (it stops after the deepest), as sparsify trains many layers from one pass."""
         tokens = self.check_tokens(tokens)
-        points = self.parse_hook(hook)
+        wanted = {hook: self.parse_hook(hook) for hook in hooks}
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in prepared.inputs.items()}
         pixels = inputs["pixel_values"].to(self.model.dtype)
-        blocks = {self._order(p): self._module(p) for p in set(points.values())}
+        blocks = {self._order(p): self._module(p) for points in wanted.values() for p in points.values()}
         with torch.no_grad(), self.autocast(), BlockCapture(blocks) as capture:
             capture.run(lambda: self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                            pixel_values=pixels, use_cache=False))
-        acts: dict[str, Tensor] = {}
-        index: dict[str, Tensor] = {}
-        for modality, point in points.items():
-            hidden = capture.outputs[self._order(point)]
-            acts[modality], index[modality] = self._select(hidden, modality, point, tokens, inputs)
-        return self._finish(prepared.keys, acts, index)
+        out: dict[str, Extracted] = {}
+        for hook, points in wanted.items():
+            acts: dict[str, Tensor] = {}
+            index: dict[str, Tensor] = {}
+            for modality, point in points.items():
+                hidden = capture.outputs[self._order(point)]
+                acts[modality], index[modality] = self._select(hidden, modality, point, tokens, inputs)
+            out[hook] = self._finish(prepared.keys, acts, index)
+        return out
 
     def _select(self, hidden: Tensor, modality: str, point: str, tokens: str, inputs: dict[str, Tensor]
                 ) -> tuple[Tensor, Tensor]:

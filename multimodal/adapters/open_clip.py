@@ -268,32 +268,52 @@ class OpenClipAdapter(Adapter):
         return Prepared(keys=keys, inputs=inputs)
 
     def forward(self, prepared: Prepared, hook: str, tokens: str) -> Extracted:
-        tokens = self.check_tokens(tokens)
-        points = self.parse_hook(hook)
-        acts: dict[str, Tensor] = {}
-        index: dict[str, Tensor] = {}
-        with torch.no_grad(), self.autocast():
-            for modality, point in points.items():
-                if modality not in prepared.inputs:
-                    raise VlsaeError(f"batch was prepared without {modality} inputs for hook '{hook}'")
-                x = prepared.inputs[modality].to(self.device, non_blocking=True)
-                if point.endswith("final"):
-                    if tokens != "cls":
-                        raise VlsaeError(f"hook '{point}' gives one embedding per input; use --tokens cls "
-                                         f"(token modes apply to block hooks such as visual.blocks.N)")
-                    out = self.model.encode_image(x) if modality == "image" else self.model.encode_text(x)
-                    acts[modality], index[modality] = out, torch.arange(out.shape[0])
-                elif modality == "image":
-                    acts[modality], index[modality] = self._image_block(x, int(point.rsplit(".", 1)[1]), tokens)
-                else:
-                    acts[modality], index[modality] = self._text_block(x, int(point.rsplit(".", 1)[1]), tokens)
-        return self._finish(prepared.keys, acts, index)
+        return self.forward_hooks(prepared, [hook], tokens)[hook]
 
-    def _image_block(self, x: Tensor, n: int, tokens: str) -> tuple[Tensor, Tensor]:
+    def forward_hooks(self, prepared: Prepared, hooks: Sequence[str], tokens: str) -> dict[str, Extracted]:
+        """Every hook's activations from one pass per tower: the blocks of all hooks captured together,
+        the tower run to its end only where a hook wants its final embedding."""
+        tokens = self.check_tokens(tokens)
+        wanted = {hook: self.parse_hook(hook) for hook in hooks}
+        hidden: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}  # (modality, point) -> (rows, pair index)
+        with torch.no_grad(), self.autocast():
+            for modality in ("image", "text"):
+                points = {p[modality] for p in wanted.values() if modality in p}
+                if not points:
+                    continue
+                if modality not in prepared.inputs:
+                    raise VlsaeError(f"batch was prepared without {modality} inputs for hook '{', '.join(hooks)}'")
+                x = prepared.inputs[modality].to(self.device, non_blocking=True)
+                if tokens != "cls" and any(p.endswith("final") for p in points):
+                    raise VlsaeError(f"hook '{modality}.final' gives one embedding per input; use --tokens cls "
+                                     "(token modes apply to block hooks such as visual.blocks.N)")
+                hidden.update(self._tower(modality, x, points, tokens))
+        return {hook: self._finish(prepared.keys, {m: hidden[m, p][0] for m, p in points.items()},
+                                   {m: hidden[m, p][1] for m, p in points.items()})
+                for hook, points in wanted.items()}
+
+    def _tower(self, modality: str, x: Tensor, points: set[str], tokens: str) -> dict[tuple[str, str], tuple[Tensor, Tensor]]:
+        """One pass of a tower capturing the blocks of ``points``; to its end if one of them is its final."""
         parts = self._parts
-        with BlockCapture({n: parts["image_blocks"][n]}, seq_first=parts["image_seq_first"]) as capture:
-            capture.run(lambda: self.model.visual(x))
-        hidden = capture.outputs[n]
+        kind = "image" if modality == "image" else "text"
+        numbers = {p: int(p.rsplit(".", 1)[1]) for p in points if not p.endswith("final")}
+        final = next((p for p in points if p.endswith("final")), None)
+        blocks = {n: parts[f"{kind}_blocks"][n] for n in numbers.values()}
+        encode = (lambda: self.model.encode_image(x)) if modality == "image" else (lambda: self.model.encode_text(x))
+        if modality == "image" and final is None:
+            encode = lambda: self.model.visual(x)  # noqa: E731 - the tower alone: no projection needed
+        with BlockCapture(blocks, seq_first=parts[f"{kind}_seq_first"], stop=final is None) as capture:
+            out = capture.run(encode)
+        found: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
+        if final is not None:
+            found[modality, final] = (out, torch.arange(out.shape[0]))
+        for point, n in numbers.items():
+            select = self._image_tokens if modality == "image" else self._text_tokens
+            found[modality, point] = select(capture.outputs[n], x, tokens)
+        return found
+
+    def _image_tokens(self, hidden: Tensor, _x: Tensor, tokens: str) -> tuple[Tensor, Tensor]:
+        parts = self._parts
         if hidden.ndim == 4:  # a CNN feature map (batch, channels, h, w): one token per position
             hidden = hidden.flatten(1, 2) if parts.get("image_channels_last") else hidden.flatten(2).transpose(1, 2)
         batch, seq, _ = hidden.shape
@@ -303,11 +323,8 @@ class OpenClipAdapter(Adapter):
         cls_pos = torch.zeros(batch, dtype=torch.long, device=hidden.device) if parts["image_has_cls"] else None
         return select_tokens(hidden, tokens, cls_pos, patch_mask, all_mask)
 
-    def _text_block(self, ids: Tensor, n: int, tokens: str) -> tuple[Tensor, Tensor]:
+    def _text_tokens(self, hidden: Tensor, ids: Tensor, tokens: str) -> tuple[Tensor, Tensor]:
         parts = self._parts
-        with BlockCapture({n: parts["text_blocks"][n]}, seq_first=parts["text_seq_first"]) as capture:
-            capture.run(lambda: self.model.encode_text(ids))
-        hidden = capture.outputs[n]
         batch, seq, _ = hidden.shape
         positions = torch.arange(seq, device=hidden.device).expand(batch, seq)
         pool = parts["text_pool"]
