@@ -141,15 +141,20 @@ def extract_pairs(adapter: Adapter, records: Iterable[Any], out: str | Path, hoo
     if limit is not None and limit < 1:
         raise VlsaeError(f"limit must be at least 1, got {limit}")
     tokens = adapter.check_tokens(tokens)
-    points = adapter.parse_hook(hook)
-    modalities = [m for m in adapter.modalities if m in points]
-    widths = adapter.widths(hook)
-    settings = {"source": adapter.spec, "hook": hook, "tokens": tokens, "data": data}
-    info = {"adapter": adapter.describe(), "hook_points": points, **(info or {})}
-    writer = ActivationWriter(out, settings, modalities, widths, adapter.dtype, shard_rows=shard_rows,
-                              overwrite=overwrite, info=info)
+    writer = open_writer(adapter, out, hook, tokens, shard_rows, overwrite, data, info)
     return run_writers(adapter, records, {hook: writer}, tokens, batch_size, limit, workers, progress, data,
                        reader_process, reads)[hook]
+
+
+def open_writer(adapter: Adapter, out: str | Path, hook: str, tokens: str, shard_rows: int, overwrite: bool,
+                data: str, info: dict[str, Any] | None = None) -> ActivationWriter:
+    """The cache writer of one hook (checks only: nothing is written before its first shard)."""
+    points = adapter.parse_hook(hook)
+    modalities = [m for m in adapter.modalities if m in points]
+    settings = {"source": adapter.spec, "hook": hook, "tokens": tokens, "data": data}
+    info = {"adapter": adapter.describe(), "hook_points": points, **(info or {})}
+    return ActivationWriter(out, settings, modalities, adapter.widths(hook), adapter.dtype, shard_rows=shard_rows,
+                            overwrite=overwrite, info=info)
 
 
 def run_writers(adapter: Adapter, records: Iterable[Any], writers: dict[str, ActivationWriter], tokens: str,

@@ -357,3 +357,20 @@ def test_an_fp16_shipped_copy_loads_in_fp32(trained, tmp_path):
     for key, value in loaded.model.state_dict().items():
         assert value.dtype == torch.float32
         torch.testing.assert_close(value, reference[key], atol=2e-3, rtol=1e-3)
+
+
+def test_several_hooks_come_from_one_forward_of_the_model(llava):
+    """forward_hooks: one model forward for every decoder/vision layer asked, each equal to its own forward."""
+    prepared = llava.prepare(PAIRS)
+    calls = []
+    handle = llava.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        together = llava.forward_hooks(prepared, ["layers.0", "layers.1", "vision.layers.1"], "all")
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    for hook, got in together.items():
+        alone = llava.forward(prepared, hook, "all")
+        assert got.keys == alone.keys and set(got.acts) == set(alone.acts)
+        for m in alone.acts:
+            assert torch.equal(got.acts[m], alone.acts[m]) and torch.equal(got.pair_index[m], alone.pair_index[m])

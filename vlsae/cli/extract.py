@@ -16,9 +16,11 @@ import argparse
 import dataclasses
 
 from vlsae.config import field_help
+from vlsae.errors import VlsaeError
 
 from multimodal.adapters import create_adapter, get_adapter_class, list_adapters
-from multimodal.extract import ExtractConfig
+from multimodal.extract import ExtractConfig, ExtractResult, check_extract_config
+from multimodal.extract_hooks import extract_hooks, split_hooks
 from multimodal.extract_distributed import Ranks, extract_distributed
 
 DATA_PARALLEL = True  # torchrun splits the shards across processes
@@ -44,7 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"{h['model']}; one of: {model_kinds()} (default: {default['model']})")
     add("--data", "data", shown="none, required")
     add("--out", "out", shown="none, required", metavar="ACTS")
-    add("--hook", "hook")
+    parser.add_argument("--hook", action="append", default=None, metavar="HOOK",
+                        help=f"{h['hook']}; several hooks from one pass: a comma list naming a modality twice "
+                             "(visual.blocks.3,visual.blocks.6) or --hook repeated, one cache each under --out "
+                             f"(default: {default['hook']})")
     add("--tokens", "tokens", choices=["cls", "patch", "all", "mean"])
     add("--batch-size", "batch_size", type=int)
     add("--dtype", "dtype", choices=["fp32", "bf16", "fp16"])
@@ -73,14 +78,26 @@ def run(args: argparse.Namespace) -> int:
             widths = adapter.widths(point)
             print(f"  {point:<{column}}" + ", ".join(f"{m} {w}" for m, w in widths.items()))
         return 0
-    config = ExtractConfig(model=args.model, data=args.data, out=args.out, hook=args.hook, tokens=args.tokens,
+    values = args.hook or [ExtractConfig().hook]
+    config = ExtractConfig(model=args.model, data=args.data, out=args.out, hook=",".join(values), tokens=args.tokens,
                            batch_size=args.batch_size, dtype=args.dtype, device=args.device,
                            shard_rows=args.shard_rows, limit=args.limit, workers=args.workers,
                            reader_process=args.reader_process, max_skipped=args.max_skipped,
                            overwrite=args.overwrite, progress=not args.no_progress)
+    several = len(values) > 1 or "," in values[0]  # a comma list may be one hook with a point per modality
+    if several and Ranks.from_env().world > 1:
+        if len(values) > 1:
+            raise VlsaeError("several hooks do not split over torchrun's processes yet; extract them as one "
+                             "process, or one hook per torchrun launch")
+    elif several:
+        return _several_hooks(config, values)
     result = extract_distributed(config)
     if not main_process:
         return 0
+    return _print_one(result)
+
+
+def _print_one(result: ExtractResult) -> int:
     resumed = f", resumed after {result.resumed_from}" if result.resumed_from else ""
     rows = ", ".join(f"{m} {n} x {result.width[m]}" for m, n in result.rows.items())
     skipped = result.skipped or {}
@@ -88,4 +105,22 @@ def run(args: argparse.Namespace) -> int:
             f"({skipped['fraction']:.1%}) of damaged shards") if skipped.get("pairs") else ""
     print(f"wrote {result.path}: {result.n_pairs} pairs ({rows}){resumed}; "
           f"{result.seconds:.1f} s, {result.pairs_per_second:.0f} pairs/s{lost}")
+    return 0
+
+
+def _several_hooks(config: ExtractConfig, values: list[str]) -> int:
+    """One pass, one cache per hook (:mod:`multimodal.extract_hooks`), or a one-hook run when that is all they name."""
+    check_extract_config(config)
+    adapter = create_adapter(config.model, device=config.device, dtype=config.dtype)
+    hooks = split_hooks(adapter, values)
+    if len(hooks) == 1:  # e.g. visual.blocks.3,text.blocks.3: one point per modality, one cache
+        config.hook = hooks[0]
+        return _print_one(extract_distributed(config, adapter=adapter))
+    results = extract_hooks(config, hooks, adapter=adapter)
+    for hook, result in results.items():
+        rows = ", ".join(f"{m} {n} x {result.width[m]}" for m, n in result.rows.items())
+        print(f"  {hook:<24} {result.path}: {result.n_pairs} pairs ({rows})")
+    first = next(iter(results.values()))
+    print(f"wrote {len(results)} caches from one pass into {config.out} (hooks.json); {first.seconds:.1f} s, "
+          f"{first.pairs_per_second:.0f} pairs/s")
     return 0

@@ -16,6 +16,7 @@ table that ``OUT/sweep.json`` and ``OUT/sweep.md`` hold (:mod:`vlsae.training.sw
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -24,12 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from vlsae.errors import VlsaeError
+from vlsae.files import atomic_write_json, atomic_write_text
 from vlsae.saes import get_sae_class, list_archs
 from vlsae.training.config import TrainConfig
 from vlsae.training.distributed import check_data_parallel, env_world_size, session
 from vlsae.training.run import RunConfig, run_config_from_dict, run_training, saved_run_config
 from vlsae.training.sweep import format_table, is_sweep_dir, load_sweep, run_sweep, saved_sweep
+from vlsae.training.log import format_value
 from vlsae.training.trainer import check_out_dir
+
+from multimodal.extract_hooks import hook_caches, hook_folder, is_multi_hook
 
 HELP = "train an SAE on a tensor file, an activation cache or a planted-feature suite"
 DATA_PARALLEL = True  # runs under torchrun: each process trains on its slice of every batch
@@ -126,6 +131,11 @@ def run(args: argparse.Namespace) -> int:
     run_config, data, axes = _run_config(args)
     if run_config is None:
         return _sweep(args, data, axes)
+    if run_config.data.acts and is_multi_hook(run_config.data.acts):
+        if args.nproc is not None and args.nproc != 1 and run_config.out is None:
+            run_config.out = str(fresh_run_dir("hooks"))
+            args._argv = [*args._argv, "--out", run_config.out]
+        return launch(args, run_config, sweep=True) if args.nproc not in (None, 1) else _per_hook(args, run_config)
     if args.nproc is not None and args.nproc != 1:
         return launch(args, run_config)
     with session(run_config.train.device) as replicas:
@@ -139,6 +149,40 @@ def run(args: argparse.Namespace) -> int:
     s = result.summary
     print(f"fvu {s['fvu']:.4f}  l0 {s['l0']:.2f}  dead {s['dead_fraction']:.3f}  ({s['eval_split']}, {s['eval_rows']} rows)")
     print(f"saved {result.sae.arch} SAE to {result.out_dir}")
+    return 0
+
+
+def _per_hook(args: argparse.Namespace, run_config: RunConfig) -> int:
+    """``--acts OUT`` of a multi-hook extraction: one SAE per hook, each an ordinary run in ``RUN/<hook>``, then
+    one table (``RUN/hooks.md``, ``RUN/hooks.json``). ``--resume`` continues the run of every hook."""
+    caches = hook_caches(run_config.data.acts)
+    rows: list[dict[str, Any]] = []
+    with session(run_config.train.device) as replicas:
+        root = run_config.out
+        if root is None:
+            root = replicas.broadcast_object(str(fresh_run_dir("hooks")) if replicas.is_main else None)
+            if replicas.is_main:
+                print(f"vlsae train: no --out given; writing one run per hook to {root}")
+        for cache in caches:  # every run checked before the first trains: a bad one costs nothing
+            check_out_dir(Path(root) / hook_folder(cache.hook), args.resume)
+        for cache in caches:
+            one = dataclasses.replace(run_config, data=dataclasses.replace(run_config.data, acts=str(cache.path)),
+                                      out=str(Path(root) / hook_folder(cache.hook)))
+            result = run_training(one, resume=args.resume)
+            s = result.summary
+            rows.append({"hook": cache.hook, "path": str(result.out_dir),
+                         **{k: s.get(k) for k in ("d_in", "n_latents", "fvu", "l0", "dead_fraction", "seconds")}})
+        if not replicas.is_main:
+            return 0
+    head = ["hook", "d_in", "n_latents", "fvu", "l0", "dead_fraction", "seconds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(format_value(r[k]) if isinstance(r[k], float) else str(r[k]) for k in head) + " |"
+              for r in rows]
+    table = "\n".join(lines)
+    atomic_write_text(Path(root) / "hooks.md", table + "\n")
+    atomic_write_json(Path(root) / "hooks.json", {"acts": run_config.data.acts, "runs": rows})
+    print(table)
+    print(f"saved {len(rows)} {run_config.arch} SAEs, one per hook, to {root} (hooks.md, hooks.json)")
     return 0
 
 
