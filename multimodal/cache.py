@@ -155,8 +155,9 @@ class ActivationCache:
             groups.append(current)
         return groups
 
-    def _epoch_rows(self, epoch: int, seed: int, skip: int) -> Iterator[Tensor | dict[str, Tensor]]:
-        """Row chunks of one epoch in shuffled order, starting ``skip`` rows in."""
+    def _epoch_pieces(self, epoch: int, seed: int, skip: int) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
+        """One epoch in shuffled order, starting ``skip`` rows in: (a shuffle buffer's loaded shards, the
+        positions of its rows in stream order). Rows are gathered later, only those a batch part needs."""
         for g, group in enumerate(self._groups(epoch, seed)):
             size = sum(self._shard_rows[i] for i in group)
             if skip >= size:
@@ -165,62 +166,46 @@ class ActivationCache:
             parts = [self._load(i) for i in group]
             data = {m: torch.cat([p[m] for p in parts]) for m in self.modalities}
             generator = torch.Generator().manual_seed((seed + epoch) * 1_000_003 + g)
-            perm = torch.randperm(size, generator=generator)[skip:]
+            yield data, torch.randperm(size, generator=generator)[skip:]
             skip = 0
-            step = 65_536
-            for lo in range(0, perm.numel(), step):
-                yield self._pack(data, perm[lo: lo + step])
 
-    def batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[Tensor | dict[str, Tensor]]:
-        """Infinite stream of shuffled batches; epoch ``e`` uses seed ``seed + e``; ``start`` batches are skipped."""
+    def batches(self, batch_size: int, seed: int, start: int = 0,
+                part: tuple[int, int] = (0, 1)) -> Iterator[Tensor | dict[str, Tensor]]:
+        """Infinite stream of shuffled batches; epoch ``e`` uses seed ``seed + e``; ``start`` batches are skipped.
+
+        part: (rank, world) of a data-parallel run: only that rank's contiguous slice of each batch
+        (``tensor_split`` of its rows in ``world``) is gathered, the same stream cut up; the shard files
+        are read by every rank (a shuffle buffer mixes rows of all its shards into every batch)."""
         if batch_size < 1:
             raise VlsaeError(f"batch_size must be at least 1, got {batch_size}")
         total = len(self)
         if total == 0:
             raise VlsaeError(f"activation cache {self.path} has no rows for {', '.join(self.modalities)}")
+        rank, world = part
+        lo, hi = _part_bounds(batch_size, rank, world)
         offset = int(start) * int(batch_size)
         epoch, skip = divmod(offset, total)
-        pending: list[Any] = []
+        pending: list[tuple[dict[str, Tensor], Tensor]] = []  # (buffer, positions) not yet in a batch
         pending_rows = 0
         while True:
-            for chunk in self._epoch_rows(epoch, seed, skip):
-                pending.append(chunk)
-                pending_rows += self._rows_of(chunk)
+            for piece in self._epoch_pieces(epoch, seed, skip):
+                pending.append(piece)
+                pending_rows += piece[1].numel()
                 while pending_rows >= batch_size:
-                    batch, pending = self._take(pending, batch_size)
+                    batch, pending = _cut(pending, batch_size)
                     pending_rows -= batch_size
-                    yield batch
+                    yield self._gather(_cut(_cut(batch, hi)[0], lo)[1] if world > 1 else batch)
             skip = 0
             epoch += 1
 
-    def _rows_of(self, chunk: Tensor | dict[str, Tensor]) -> int:
-        return (chunk if isinstance(chunk, Tensor) else next(iter(chunk.values()))).shape[0]
-
-    def _take(self, pending: list[Any], n: int) -> tuple[Any, list[Any]]:
-        """The first n rows of a list of chunks, and the chunks left."""
-        taken, rest, need = [], [], n
-        for chunk in pending:
-            rows = self._rows_of(chunk)
-            if need == 0:
-                rest.append(chunk)
-            elif rows <= need:
-                taken.append(chunk)
-                need -= rows
-            else:
-                if isinstance(chunk, Tensor):
-                    taken.append(chunk[:need])
-                    rest.append(chunk[need:])
-                else:
-                    taken.append({m: t[:need] for m, t in chunk.items()})
-                    rest.append({m: t[need:] for m, t in chunk.items()})
-                need = 0
-        if len(taken) == 1:
-            batch = taken[0]
-        elif isinstance(taken[0], Tensor):
-            batch = torch.cat(taken)
-        else:
-            batch = {m: torch.cat([c[m] for c in taken]) for m in self.modalities}
-        return batch, rest
+    def _gather(self, pieces: list[tuple[dict[str, Tensor], Tensor]]) -> Tensor | dict[str, Tensor]:
+        """The rows of ``pieces`` (in order) as one batch."""
+        packed = [self._pack(data, index) for data, index in pieces]
+        if len(packed) == 1:
+            return packed[0]
+        if isinstance(packed[0], Tensor):
+            return torch.cat(packed)
+        return {m: torch.cat([c[m] for c in packed]) for m in self.modalities}
 
     def sample(self, n: int, seed: int = 0) -> Tensor | dict[str, Tensor]:
         """Up to n rows drawn without replacement (in cache order), one shard in memory at a time."""
@@ -267,3 +252,27 @@ class ActivationCache:
         if isinstance(parts[0], Tensor):
             return torch.cat(parts)
         return {m: torch.cat([p[m] for p in parts]) for m in self.modalities}
+
+
+def _part_bounds(batch_size: int, rank: int, world: int) -> tuple[int, int]:
+    """[lo, hi) of rank ``rank``'s rows in a batch of ``batch_size`` cut in ``world`` (as ``tensor_split``)."""
+    base, extra = divmod(batch_size, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
+def _cut(pieces: list[tuple[dict[str, Tensor], Tensor]], n: int
+         ) -> tuple[list[tuple[dict[str, Tensor], Tensor]], list[tuple[dict[str, Tensor], Tensor]]]:
+    """The first ``n`` rows of a list of (buffer, positions) pieces, and the rest."""
+    head, rest, need = [], [], n
+    for data, index in pieces:
+        if need == 0:
+            rest.append((data, index))
+        elif index.numel() <= need:
+            head.append((data, index))
+            need -= index.numel()
+        else:
+            head.append((data, index[:need]))
+            rest.append((data, index[need:]))
+            need = 0
+    return head, rest

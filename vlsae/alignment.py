@@ -30,6 +30,7 @@ from torch import nn
 
 from vlsae.config import from_dict, option, to_dict
 from vlsae.errors import VlsaeError
+from vlsae.parts import reads_part_batches
 from vlsae.files import atomic_save_tensors, atomic_write_text, read_safetensors
 from vlsae.sparse import SparseCode
 
@@ -224,8 +225,10 @@ class ProjectedSource:
     def _map(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {m: self.projector.to_shared(t.float().cpu(), m) for m, t in batch.items()}
 
-    def batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        for batch in self.source.batches(batch_size, seed=seed, start=start):
+    def batches(self, batch_size: int, seed: int, start: int = 0,
+                part: tuple[int, int] = (0, 1)) -> Iterator[dict[str, torch.Tensor]]:
+        """The source's batches mapped into the shared space; ``part`` as the source takes it (a rank's slice)."""
+        for batch in reads_part_batches(self.source, batch_size, seed, start, part):
             yield self._map(batch)
 
     def sample(self, n: int, seed: int = 0) -> dict[str, torch.Tensor]:

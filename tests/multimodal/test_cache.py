@@ -98,6 +98,24 @@ def test_start_resumes_exactly(cache_dir, batch_size, start):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["text"], b["text"])
 
 
+@pytest.mark.parametrize("batch_size,world", [(7, 2), (10, 3), (32, 4)])
+def test_a_rank_gathers_its_slice_of_every_batch(cache_dir, batch_size, world, monkeypatch):
+    """part=(rank, world): the ranks' slices of each batch are the batch cut by tensor_split, across shuffle
+    buffers and epochs, and each rank gathers only its own rows."""
+    cache = ActivationCache(cache_dir, buffer_rows=24)
+    whole = list(itertools.islice(cache.batches(batch_size, seed=2, start=3), 30))
+    gathered = []
+    original = cache._pack
+    monkeypatch.setattr(cache, "_pack", lambda data, index=None: gathered.append(len(index)) or original(data, index))
+    parts = [list(itertools.islice(cache.batches(batch_size, seed=2, start=3, part=(r, world)), 30))
+             for r in range(world)]
+    for i, batch in enumerate(whole):
+        for m in ("image", "text"):
+            assert torch.equal(torch.cat([p[i][m] for p in parts]), batch[m])
+            assert [len(p[i][m]) for p in parts] == [len(t) for t in batch[m].tensor_split(world)]
+    assert sum(gathered) == 30 * batch_size  # every row gathered once, by the rank that trains on it
+
+
 def test_reading_is_streaming(cache_dir, monkeypatch):
     """With a small buffer the first batch loads one shard, not the cache."""
     cache = ActivationCache(cache_dir, buffer_rows=1)

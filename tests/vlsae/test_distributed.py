@@ -19,7 +19,8 @@ from evals.synthetic.score import decoder_directions, score_sae
 from vlsae.checkpoint import load_sae
 from vlsae.cli import main
 from vlsae.training.data import TensorSource
-from vlsae.training.distributed import Replicas, slice_rows
+from vlsae.parts import slice_rows
+from vlsae.training.distributed import Replicas
 from tests.torchrun import torchrun, torchrun_env
 
 SUITE = {"n_features": 32, "d": 32, "expected_l0": 2}

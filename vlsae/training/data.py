@@ -8,6 +8,7 @@ reproduces the uninterrupted stream exactly, without replaying it.
 """
 from __future__ import annotations
 
+
 import sys
 from pathlib import Path
 from typing import Iterator, Protocol, Union, runtime_checkable
@@ -162,3 +163,4 @@ def open_tensor_file(path: str | Path) -> TensorSource:
     if len(tensors) == 1:
         return TensorSource(next(iter(tensors.values())))
     return TensorSource({name: t for name, t in sorted(tensors.items())})
+

@@ -11,8 +11,8 @@ What stays global, so the result does not depend on the number of ranks beyond f
 - the batch stream: every rank walks the same global stream (``source.batches(batch_size,
   seed, start)``, a pure function of seed and position) and trains on its own contiguous
   slice of each global batch, ``batch_size / world_size`` rows (:meth:`Replicas.batches`);
-  a :class:`TensorSource` indexes only its slice, other sources (the activation cache,
-  projected sources) are read whole by every rank and sliced. No row is skipped or
+  a source whose ``batches`` takes ``part`` (a :class:`TensorSource`, the activation cache, a
+  projected source over either) gathers only its slice; any other is read whole and sliced. No row is skipped or
   duplicated, and the resume position is the global step, so a checkpoint resumes
   under any number of ranks;
 - losses: inside the training forward the batch normalisers (the batch-FVU variance of
@@ -63,7 +63,8 @@ import torch.distributed as dist
 from vlsae.devices import resolve_device
 from vlsae.errors import VlsaeError
 from vlsae.rendezvous import join_store
-from vlsae.training.data import ActivationSource, Batch, TensorSource
+from vlsae.parts import reads_part_batches
+from vlsae.training.data import ActivationSource, Batch
 
 REDUCTIONS = {"mean": dist.ReduceOp.SUM, "sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
 
@@ -129,11 +130,7 @@ class Replicas:
     # ------------------------------------------------------------ data
     def batches(self, source: ActivationSource, batch_size: int, seed: int, start: int = 0) -> Iterator[Batch]:
         """This rank's slice of every global batch of ``source``'s stream (the whole batch for one rank)."""
-        if not self.parallel:
-            return source.batches(batch_size, seed=seed, start=start)
-        if isinstance(source, TensorSource):
-            return source.batches(batch_size, seed=seed, start=start, part=(self.rank, self.world))
-        return (slice_rows(batch, self.rank, self.world) for batch in source.batches(batch_size, seed=seed, start=start))
+        return reads_part_batches(source, batch_size, seed, start, part=(self.rank, self.world))
 
     def seed_step(self, seed: int, step: int) -> None:
         """With several ranks: torch's generator seeded from (seed, step, rank) before each step."""
@@ -265,13 +262,6 @@ def _persistent_buffers(module: torch.nn.Module) -> Iterator[tuple[str, torch.Te
         for name, buf in sub.named_buffers(recurse=False):
             if buf is not None and name not in skip:
                 yield (f"{prefix}.{name}" if prefix else name), buf
-
-
-def slice_rows(batch: Batch, rank: int, world: int) -> Batch:
-    """Rank ``rank``'s contiguous part of a batch split in ``world`` (sizes differ by at most one row)."""
-    if isinstance(batch, dict):
-        return {m: t.tensor_split(world)[rank] for m, t in batch.items()}
-    return batch.tensor_split(world)[rank]
 
 
 _JOINED = False  # this process called init_process_group
