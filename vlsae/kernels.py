@@ -196,6 +196,15 @@ class SelectionScratch:
         return buffer[:rows]
 
 
+def scratch_of(owner: object) -> SelectionScratch:
+    """``owner``'s selection buffer (an SAE's): kept as a plain attribute, so it is never saved in a state dict
+    and never moved by ``.to``."""
+    scratch = owner.__dict__.get("_selection_scratch")
+    if scratch is None:
+        scratch = owner.__dict__["_selection_scratch"] = SelectionScratch()
+    return scratch
+
+
 def selection_block_rows(batch: int, n: int, dtype: torch.dtype, device: torch.device) -> int:
     """Rows per block of :func:`fused_topk`: the whole batch on an accelerator (its caching allocator reuses the
     memory), else as many as fit :data:`SELECTION_BLOCK_BYTES` (at least 64)."""

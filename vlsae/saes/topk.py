@@ -17,7 +17,7 @@ from torch import nn
 
 from vlsae.config import option
 from vlsae.errors import VlsaeError
-from vlsae.kernels import SelectionScratch, fused_topk, sparse_decode, sparse_encode
+from vlsae.kernels import fused_topk, scratch_of, sparse_decode, sparse_encode
 from vlsae.saes import register_sae
 from vlsae.saes.base import SAE, SAEConfig, TrainContext, TrainOutput, auxk_loss, dense_pre_activations, normalized_mse
 from vlsae.sparse import SparseCode
@@ -111,17 +111,10 @@ class TopKSAE(LinearEncoderSAE):
         # selection_dtype, without the (batch, n_latents) matrix (vlsae.kernels.fused_topk)
         with torch.no_grad():
             indices, dead_indices = fused_topk(x - self.b_dec, self.W_enc, self.b_enc, config.k, dead=ctx.dead_mask,
-                                               k_dead=width, dtype=self.selection_dtype, scratch=self._scratch())
+                                               k_dead=width, dtype=self.selection_dtype, scratch=scratch_of(self))
         values = torch.relu(self.selected_pre_activations(x, indices))
         recon = sparse_decode(indices, values, self.W_dec) + self.b_dec
         losses = {"mse": normalized_mse(x, recon)}
         if width:
             losses.update(self.aux_loss_at(x, dead_indices, recon, ctx, config.aux_width, config.aux_coef))
         return TrainOutput(recon=recon, losses=losses, code=SparseCode(values, indices, self.n_latents))
-
-    def _scratch(self) -> SelectionScratch:
-        """This SAE's selection buffer (an attribute, not a buffer: never saved, never moved with ``.to``)."""
-        scratch = self.__dict__.get("_selection_scratch")
-        if scratch is None:
-            scratch = self.__dict__["_selection_scratch"] = SelectionScratch()
-        return scratch

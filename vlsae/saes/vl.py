@@ -36,10 +36,9 @@ from torch import nn
 
 from vlsae.config import option
 from vlsae.errors import VlsaeError
-from vlsae.kernels import sparse_decode, sparse_encode
+from vlsae.kernels import fused_topk, scratch_of, sparse_decode, sparse_encode
 from vlsae.saes import register_sae
-from vlsae.saes.base import (Batch, MultimodalConfig, MultimodalSAE, TrainContext, TrainOutput, auxk_loss,
-                              dense_pre_activations)
+from vlsae.saes.base import (Batch, MultimodalConfig, MultimodalSAE, TrainContext, TrainOutput, auxk_loss)
 from vlsae.sparse import SparseCode
 
 
@@ -181,30 +180,22 @@ class VLSAE(PerModalityDecoderSAE):
         recon, losses, metrics, codes = {}, {}, {}, []
         for m, xm in batch.items():
             unit = self.unit_inputs(xm, m)
-            with torch.no_grad():
-                cos_all = _selection_cosines(unit, directions, self.selection_dtype)
-                indices = cos_all.topk(cfg.k, dim=1, sorted=False).indices
+            n_dead = int(dead.sum()) if cfg.aux_coef and dead is not None else 0
+            with torch.no_grad():  # the k nearest directions (and AuxK's nearest dead ones), block by block
+                indices, aux_idx = fused_topk(unit, directions, None, cfg.k, dead=dead,
+                                              k_dead=min(cfg.aux_width, n_dead), dtype=self.selection_dtype,
+                                              scratch=scratch_of(self))
             values = self._distance_score(sparse_encode(unit, directions, None, indices))
             recon[m] = sparse_decode(indices, values, self.W_dec[m]) + self.b_dec[m]
             losses[f"recon_{m}"], metrics_m = self.modality_losses(xm, recon[m], m)
             metrics.update(metrics_m)
-            if cfg.aux_coef and dead is not None and bool(dead.any()):
-                n_dead = int(dead.sum())
-                with torch.no_grad():
-                    aux_idx = cos_all.masked_fill(~dead, float("-inf")).topk(min(cfg.aux_width, n_dead), dim=1, sorted=False).indices
+            if n_dead:
                 aux_values = self._distance_score(sparse_encode(unit, directions, None, aux_idx))
                 aux_recon = sparse_decode(aux_idx, aux_values, self.W_dec[m])
                 losses[f"auxk_{m}"] = cfg.aux_coef * auxk_loss((xm - recon[m]).detach(), aux_recon, n_dead, cfg.aux_width)
             codes.append(SparseCode(values, indices, self.n_latents))
         code = SparseCode(torch.cat([c.values for c in codes]), torch.cat([c.indices for c in codes]), self.n_latents)
         return TrainOutput(recon=recon, losses=losses, code=code, metrics=metrics)
-
-
-def _selection_cosines(unit: torch.Tensor, directions: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """All cosines, only to choose the nearest concepts (no autograd); ``dtype`` may be bf16."""
-    if dtype is None or dtype == unit.dtype:
-        return unit @ directions.t()
-    return unit.to(dtype) @ directions.to(dtype).t()
 
 
 class _LinearTopKEncoder(nn.Module):
@@ -218,8 +209,7 @@ class _LinearTopKEncoder(nn.Module):
     def select(self, centred: torch.Tensor, k: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices (batch, k), differentiable values (batch, k)); ``dtype``: precision of the choice."""
         with torch.no_grad():
-            pre = dense_pre_activations(centred, self.weight, self.bias, torch.zeros_like(centred[0]), dtype)
-            indices = pre.topk(k, dim=1, sorted=False).indices
+            indices, _ = fused_topk(centred, self.weight, self.bias, k, dtype=dtype, scratch=scratch_of(self))
         return indices, torch.relu(sparse_encode(centred, self.weight, self.bias, indices))
 
 
@@ -283,9 +273,9 @@ class VLSharedSAE(MultimodalSAE):
 
     def _select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            pre = dense_pre_activations(x, self.W_enc, self.b_enc, self.b_dec, self.selection_dtype)
-            indices = pre.topk(self.config.k, dim=1, sorted=False).indices
-        return indices, torch.relu(sparse_encode(x - self.b_dec, self.W_enc, self.b_enc, indices))
+            indices, _ = fused_topk(x - self.b_dec, self.W_enc, self.b_enc, self.config.k, dtype=self.selection_dtype,
+                                    scratch=scratch_of(self))
+        return indices, torch.relu(sparse_encode(x, self.W_enc, self.b_enc, indices, center=self.b_dec))
 
     def encode(self, x: torch.Tensor, modality: str | None = None) -> SparseCode:
         self.check_input(x)
