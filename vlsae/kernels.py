@@ -217,14 +217,15 @@ def selection_block_rows(batch: int, n: int, dtype: torch.dtype, device: torch.d
 @torch.no_grad()
 def fused_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int,
                dead: torch.Tensor | None = None, k_dead: int = 0, dtype: torch.dtype | None = None,
-               scratch: SelectionScratch | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+               scratch: SelectionScratch | None = None, magnitude: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Indices of the ``k`` largest entries per row of ``x @ weight.T + bias``, block by block (see above).
 
     x: (batch, d); weight: (n, d); bias: (n,) or None; ``dtype`` (e.g. bf16) computes the products in lower
     precision (selection only: the caller recomputes the chosen values exactly). With ``dead`` ((n,) bool) and
     ``k_dead`` > 0 it also returns, per row, the ``k_dead`` largest entries among the ``dead`` columns (AuxK's
     candidates) from the same block, else ``None``. Equal to ``pre.topk(k, sorted=False).indices`` of the dense
-    ``pre`` up to ties and the order within a row.
+    ``pre`` up to ties and the order within a row. ``magnitude``: the largest ``|entries|`` instead (AbsTopK).
     """
     dtype = dtype or x.dtype
     batch, n = x.shape[0], weight.shape[0]
@@ -244,6 +245,8 @@ def fused_topk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         torch.mm(left[start:stop], right, out=block)
         if offset is not None:
             block.add_(offset)
+        if magnitude:
+            block.abs_()
         torch.topk(block, k, dim=1, sorted=False, out=(values[start:stop], indices[start:stop]))
         if with_dead:
             block.masked_fill_(alive, float("-inf"))

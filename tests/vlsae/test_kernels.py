@@ -99,6 +99,10 @@ def test_fused_topk_equals_the_dense_topk_block_by_block(batch, monkeypatch):
     assert scratch.buffer.shape == (min(batch, 64), 96)  # one block's rows, reused by every block
     again, none = fused_topk(x, w, b, 7, scratch=scratch)
     assert none is None and torch.equal(again.sort(1).values, indices.sort(1).values)
+    by_size, dead_by_size = fused_topk(x, w, b, 7, dead=dead, k_dead=5, scratch=scratch, magnitude=True)
+    assert torch.equal(by_size.sort(1).values, pre.abs().topk(7, dim=1).indices.sort(1).values)  # AbsTopK
+    masked_size = pre.abs().masked_fill(~dead, float("-inf"))
+    assert torch.equal(dead_by_size.sort(1).values, masked_size.topk(5, dim=1).indices.sort(1).values)
 
 
 def test_fused_topk_in_bf16_chooses_what_a_bf16_matmul_chooses():

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlsae.kernels import sparse_decode
+from vlsae.kernels import fused_topk, scratch_of, sparse_decode
 from vlsae.saes import register_sae
 from vlsae.saes.base import TrainContext, TrainOutput, normalized_mse
 from vlsae.saes.topk import TopKConfig, TopKSAE
@@ -43,11 +43,15 @@ class AbsTopKSAE(TopKSAE):
         return SparseCode(pre.gather(1, indices), indices, self.n_latents)
 
     def training_forward(self, x: torch.Tensor, ctx: TrainContext) -> TrainOutput:
-        with torch.no_grad():
-            pre = self.selection_pre_activations(x)
-            indices = self.select(pre)
+        config = self.config
+        width = self.aux_width(ctx, config.aux_width, config.aux_coef)
+        with torch.no_grad():  # TopK's fused block selection, by magnitude (AuxK's dead candidates too)
+            indices, dead_indices = fused_topk(x - self.b_dec, self.W_enc, self.b_enc, config.k, dead=ctx.dead_mask,
+                                               k_dead=width, dtype=self.selection_dtype, scratch=scratch_of(self),
+                                               magnitude=True)
         values = self.selected_pre_activations(x, indices)
         recon = sparse_decode(indices, values, self.W_dec) + self.b_dec
         losses = {"mse": normalized_mse(x, recon)}
-        losses.update(self.aux_loss(x, pre, recon, ctx, self.config.aux_width, self.config.aux_coef, signed=True))
+        if width:
+            losses.update(self.aux_loss_at(x, dead_indices, recon, ctx, config.aux_width, config.aux_coef, signed=True))
         return TrainOutput(recon=recon, losses=losses, code=SparseCode(values, indices, self.n_latents))
