@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -96,3 +97,11 @@ def test_cli_extracts_several_hooks_and_trains_one_sae_per_hook(world, tmp_path,
     assert all((runs / r["hook"] / "training.json").is_file() for r in summary["runs"])
     assert main(["train", "--acts", str(acts), "--set", "data.modality=image", "--steps", "20", "--quiet",
                  "--out", str(runs)]) == 2  # the runs exist: refused before any training
+    # --resume keeps the finished runs and trains the missing one (an interrupted one continues)
+    kept = (runs / "final" / "training.json").stat().st_mtime_ns
+    shutil.rmtree(runs / "visual.blocks.1")
+    assert main(["train", "--acts", str(acts), "--set", "data.modality=image", "--latents", "32", "--k", "4",
+                 "--steps", "20", "--batch-size", "32", "--quiet", "--out", str(runs), "--resume"]) == 0
+    assert (runs / "final" / "training.json").stat().st_mtime_ns == kept
+    again = json.loads((runs / "hooks.json").read_text())["runs"]
+    assert [r["fvu"] for r in again] == [r["fvu"] for r in summary["runs"]]  # the same seed: the same SAE

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from vlsae.training.distributed import check_data_parallel, env_world_size, sess
 from vlsae.training.run import RunConfig, run_config_from_dict, run_training, saved_run_config
 from vlsae.training.sweep import format_table, is_sweep_dir, load_sweep, run_sweep, saved_sweep
 from vlsae.training.log import format_value
+from vlsae.training.preflight import CHECKPOINT_DIR, TRAINING_JSON
 from vlsae.training.trainer import check_out_dir
 
 from multimodal.extract_hooks import hook_caches, hook_folder, is_multi_hook
@@ -103,7 +105,13 @@ def _run_config(args: argparse.Namespace) -> tuple[RunConfig | None, dict[str, A
     """(the run config, or None for a sweep; the run-config mapping; the sweep's axes, empty for one run)."""
     base = None
     overrides = [*_flag_overrides(args), *args.set]
-    if args.resume:
+    if args.resume and args.acts and is_multi_hook(args.acts):  # each hook's run resumes itself (_per_hook)
+        if not args.out:
+            raise VlsaeError("--resume needs --out (the folder of the interrupted runs)")
+        data, axes = load_sweep(args.config, overrides, args.sweep, base=None)
+        if axes:
+            raise VlsaeError("--sweep does not combine with one SAE per hook; sweep one hook's cache instead")
+        return run_config_from_dict(data), data, axes
         if not args.out:
             raise VlsaeError("--resume needs --out (the folder of the interrupted run)")
         if is_sweep_dir(args.out):
@@ -154,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _per_hook(args: argparse.Namespace, run_config: RunConfig) -> int:
     """``--acts OUT`` of a multi-hook extraction: one SAE per hook, each an ordinary run in ``RUN/<hook>``, then
-    one table (``RUN/hooks.md``, ``RUN/hooks.json``). ``--resume`` continues the run of every hook."""
+    one table (``RUN/hooks.md``, ``RUN/hooks.json``). ``--resume`` (with the same ``--acts``) keeps the finished
+    runs, continues the interrupted ones and starts those not begun."""
     caches = hook_caches(run_config.data.acts)
     rows: list[dict[str, Any]] = []
     with session(run_config.train.device) as replicas:
@@ -163,14 +172,22 @@ def _per_hook(args: argparse.Namespace, run_config: RunConfig) -> int:
             root = replicas.broadcast_object(str(fresh_run_dir("hooks")) if replicas.is_main else None)
             if replicas.is_main:
                 print(f"vlsae train: no --out given; writing one run per hook to {root}")
+        state = {}  # hook -> "finished" | "interrupted" | "new": what --resume does with its run
         for cache in caches:  # every run checked before the first trains: a bad one costs nothing
-            check_out_dir(Path(root) / hook_folder(cache.hook), args.resume)
+            out = Path(root) / hook_folder(cache.hook)
+            state[cache.hook] = ("finished" if (out / TRAINING_JSON).is_file() else
+                                 "interrupted" if (out / CHECKPOINT_DIR).is_dir() else "new") if args.resume else "new"
+            if state[cache.hook] != "finished":
+                check_out_dir(out, state[cache.hook] == "interrupted")
         for cache in caches:
-            one = dataclasses.replace(run_config, data=dataclasses.replace(run_config.data, acts=str(cache.path)),
-                                      out=str(Path(root) / hook_folder(cache.hook)))
-            result = run_training(one, resume=args.resume)
-            s = result.summary
-            rows.append({"hook": cache.hook, "path": str(result.out_dir),
+            out = Path(root) / hook_folder(cache.hook)
+            if state[cache.hook] == "finished":
+                s = json.loads((out / TRAINING_JSON).read_text())["summary"]
+            else:
+                one = dataclasses.replace(run_config, out=str(out),
+                                          data=dataclasses.replace(run_config.data, acts=str(cache.path)))
+                s = run_training(one, resume=state[cache.hook] == "interrupted").summary
+            rows.append({"hook": cache.hook, "path": str(out),
                          **{k: s.get(k) for k in ("d_in", "n_latents", "fvu", "l0", "dead_fraction", "seconds")}})
         if not replicas.is_main:
             return 0
