@@ -112,6 +112,7 @@ def _run_config(args: argparse.Namespace) -> tuple[RunConfig | None, dict[str, A
         if axes:
             raise VlsaeError("--sweep does not combine with one SAE per hook; sweep one hook's cache instead")
         return run_config_from_dict(data), data, axes
+    if args.resume:
         if not args.out:
             raise VlsaeError("--resume needs --out (the folder of the interrupted run)")
         if is_sweep_dir(args.out):
