@@ -17,9 +17,7 @@ import argparse
 import json
 import platform
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,6 +28,8 @@ from evals.synthetic.generators import generate
 from evals.synthetic.score import decoder_directions, score_sae
 from vlsae.checkpoint import load_sae
 
+from sweep import timed  # benchmarks/ is this script's folder
+
 
 def train(out: Path, args: argparse.Namespace, nproc: int) -> float:
     suite = {"n_features": args.features, "d": args.d, "expected_l0": args.l0}
@@ -38,11 +38,7 @@ def train(out: Path, args: argparse.Namespace, nproc: int) -> float:
                "--set", "data.n_test=5000", "--latents", str(args.latents), "--k", str(args.k),
                "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--quiet", "--out", str(out),
                "--checkpoint-every", "0", "--set", "train.tensorboard=false", *(["--nproc", str(nproc)] if nproc > 1 else [])]
-    began = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    return time.perf_counter() - began
+    return timed(command)
 
 
 def main() -> None:

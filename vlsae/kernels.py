@@ -87,16 +87,14 @@ def transpose_pattern(indices: torch.Tensor, n_rows: int) -> TransposePattern:
     return pattern
 
 
-def scatter_rows(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, n_rows: int,
-                 pattern: TransposePattern | None = None) -> torch.Tensor:
+def scatter_rows(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, n_rows: int) -> torch.Tensor:
     """S^T @ dense for the sparse (batch, n_rows) matrix S = (indices, values).
 
-    indices, values: (batch, K); dense: (batch, d) -> (n_rows, d). ``pattern``: S's :class:`TransposePattern`,
-    when the caller already has it.
+    indices, values: (batch, K); dense: (batch, d) -> (n_rows, d). The layout of S^T is
+    :func:`transpose_pattern`'s: built once for a code and reused by the next product with it.
     """
     dtype = _compute_dtype(dense)
-    if pattern is None or not pattern.matches(indices, n_rows):
-        pattern = transpose_pattern(indices, n_rows)
+    pattern = transpose_pattern(indices, n_rows)
     # row l of S^T @ dense is the sum of the dense rows that use latent l, weighted: one bag per latent.
     # embedding_bag does exactly that over the sorted entries; a CSR matmul does it 5-7x slower on a CPU
     # (14 vs 2 ms at batch 4096, k 32, d 512: it zero-fills and copies its (n_rows, d) output)
@@ -130,7 +128,7 @@ class _SparseEncode(torch.autograd.Function):
             # d/dc <x - c, w_j> = -w_j: the rows' gradients summed per latent, then one (n,) x (n, d) product
             grad_center = -(per_latent.to(weight.dtype) @ weight).to(centred.dtype)
         if ctx.needs_input_grad[2]:
-            grad_w = scatter_rows(indices, grad, centred, weight.shape[0], transpose_pattern(indices, weight.shape[0])).to(weight.dtype)
+            grad_w = scatter_rows(indices, grad, centred, weight.shape[0]).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_b = per_latent
         return grad_x, grad_center, grad_w, grad_b, None
@@ -149,7 +147,7 @@ class _SparseDecode(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_values = sampled_rows_dot(indices, grad, weight).to(values.dtype)
         if ctx.needs_input_grad[2]:
-            grad_weight = scatter_rows(indices, values, grad, weight.shape[0], transpose_pattern(indices, weight.shape[0])).to(weight.dtype)
+            grad_weight = scatter_rows(indices, values, grad, weight.shape[0]).to(weight.dtype)
         return None, grad_values, grad_weight
 
 

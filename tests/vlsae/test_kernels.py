@@ -75,11 +75,11 @@ def test_weight_gradients_share_one_transpose_pattern_per_code():
     reference = torch.zeros(64, 50).scatter_add(1, idx, values).t() @ dense
     first = kernels.transpose_pattern(idx, 50)
     assert kernels.transpose_pattern(idx, 50) is first  # the decoder's and encoder's products of one step
-    assert torch.allclose(scatter_rows(idx, values, dense, 50, first), reference, atol=1e-5)
+    assert torch.allclose(scatter_rows(idx, values, dense, 50), reference, atol=1e-5)
     idx[0, 0] = (idx[0, 0] + 1) % 50  # changed in place: the pattern is rebuilt, not reused
     assert kernels.transpose_pattern(idx, 50) is not first
     changed = torch.zeros(64, 50).scatter_add(1, idx, values).t() @ dense
-    assert torch.allclose(scatter_rows(idx, values, dense, 50, first), changed, atol=1e-5)
+    assert torch.allclose(scatter_rows(idx, values, dense, 50), changed, atol=1e-5)
     assert isinstance(first, TransposePattern)
 
 
